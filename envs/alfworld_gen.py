@@ -463,7 +463,7 @@ def write_game(directory: Path, game: dict[str, Any], traj: dict[str, Any]) -> N
 
 def cached_game(task_id: str) -> Path:
     """Directory holding `game.tw-pddl` and `traj_data.json` of a generated task, built on first use."""
-    from craft_bench.paths import build_once, cache_dir
+    from craft_bench.envs.cache import build_once, cache_dir
 
     split, task_type, index = parse_task_id(task_id)
     target = cache_dir("alfworld-gen", f"v{GENERATOR_VERSION}", split) / f"{task_type}-{index:06d}"

@@ -26,6 +26,47 @@ INVALID_ACTION_FEEDBACK = "Nothing happens."
 PRIVILEGED_HEADER = "Privileged guidance (teacher only)"
 
 
+@dataclass(frozen=True)
+class ActionFormat:
+    """How an environment expects its actions: picked from `info["admissible_actions"]`, or free-form text.
+
+    Agents read it from `info["action_format"]` (a plain dict of these fields), so prompts, reply parsing and
+    tiny-model data follow the environment's declaration and `agents/` needs no per-environment case.
+    """
+
+    kind: str = "choice"
+    """`choice`: the action is one of `info["admissible_actions"]`, which is complete. `free`: free-form text in
+    `syntax`; `admissible_actions` then lists only the concrete actions the current state offers (may be empty)."""
+    syntax: str = ""
+    """The action grammar in one line, e.g. `search[QUERY] | answer[TEXT]` (empty for `choice`)."""
+    instruction: str = ""
+    """One or two sentences for the prompt on how to write an action (empty: the default for the kind)."""
+    examples: tuple[str, ...] = ()
+    """A few well-formed actions, for prompts and documentation."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ACTION_KINDS:
+            raise ValueError(f"ActionFormat.kind must be one of {ACTION_KINDS}, got {self.kind!r}")
+        if self.kind == "free" and not self.syntax:
+            raise ValueError("a free-form ActionFormat needs its syntax, e.g. 'search[QUERY] | answer[TEXT]'")
+
+    def to_info(self) -> dict[str, Any]:
+        """The plain-dict form carried in `info["action_format"]` (JSON- and pickle-friendly)."""
+        return {"kind": self.kind, "syntax": self.syntax, "instruction": self.instruction,
+                "examples": list(self.examples)}
+
+    @classmethod
+    def from_info(cls, value: dict[str, Any]) -> "ActionFormat":
+        """The inverse of `to_info`."""
+        return cls(value["kind"], value.get("syntax", ""), value.get("instruction", ""),
+                   tuple(value.get("examples", ())))
+
+
+ACTION_KINDS = ("choice", "free")
+#: The declaration of every environment whose actions are picked from the admissible list (the default).
+CHOOSE_ADMISSIBLE = ActionFormat("choice")
+
+
 @dataclass
 class TaskStart:
     """What an engine reports when it starts a task."""
@@ -81,6 +122,8 @@ class TextAgentEnv(gym.Env[str, str], ABC):
     env_version: str = "v0"
     #: Whole-command or verb aliases, see `normalize_action`.
     action_aliases: dict[str, str] = {}
+    #: How actions are chosen (reported in `info["action_format"]`); free-form environments override it.
+    action_format: ActionFormat = CHOOSE_ADMISSIBLE
 
     def __init__(self, split: str = "train", max_steps: int = 50, render_mode: str | None = None):
         if max_steps < 1:
@@ -144,6 +187,11 @@ class TextAgentEnv(gym.Env[str, str], ABC):
         """The canonical form of a typed action; override for rewrites that aliases cannot express."""
         return normalize_action(action, self.action_aliases)
 
+    def _is_valid_action(self, command: str) -> bool:
+        """Whether a normalised, non-empty command may reach the engine. The default (choice format) accepts exactly
+        the admissible actions; free-form environments override it with their syntax check."""
+        return command in self._admissible
+
     def _extra_info(self) -> dict[str, Any]:
         """Environment-specific info keys (engine version, data hash, ...)."""
         return {}
@@ -194,7 +242,7 @@ class TextAgentEnv(gym.Env[str, str], ABC):
             raise RuntimeError("the episode is over (terminated or truncated); call reset() to start a new one")
 
         command = self._normalize(action) if len(action) <= MAX_ACTION_CHARS else ""
-        valid = bool(command) and command in self._admissible
+        valid = bool(command) and self._is_valid_action(command)
         self._step_count += 1
         reward = 0.0
         terminated = False
@@ -234,6 +282,7 @@ class TextAgentEnv(gym.Env[str, str], ABC):
             "progress": self._progress,
             "step": self._step_count,
             "action_valid": action_valid,
+            "action_format": self.action_format.to_info(),
             "privileged": privileged,
             "data_source": self.data_source,
             "env_version": self.env_version,

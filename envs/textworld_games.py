@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from craft_bench.paths import build_once, cache_dir
+from craft_bench.envs.cache import build_once, cache_dir
 
 #: Bump when the mapping from (family, level, seed) to a game changes, so that stale cached games are never reused.
 GAMES_REVISION = "g2"

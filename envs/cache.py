@@ -1,5 +1,5 @@
 """Where craft-bench keeps its caches, and how several processes build one cache entry safely.
-Everything generated offline (games, tiny models) lives under $CRAFT_BENCH_HOME (default ~/.cache/craft-bench)."""
+Everything generated offline (games, indexes, tiny models) lives under $CRAFT_BENCH_HOME (default ~/.cache/craft-bench)."""
 
 from __future__ import annotations
 
