@@ -1,0 +1,112 @@
+"""Data-parallel training over accelerate's process group: which task groups each rank plays, and the step-wide
+sums the loss needs (token count, gate activity, episode summaries), reduced over ranks so N processes equal one.
+
+How N processes reproduce one process on the same global batch:
+
+1. Every rank draws the step's B tasks from (seed, step) exactly as one process would, then plays the contiguous
+   block of B / N groups that is its share (`group_block`); a group is never split, so Pillar 1's sibling credit
+   needs nothing from other ranks. Slots, groups and seeds keep their global numbering.
+2. The token-mean denominator and every per-step statistic a method needs are sums over the global batch
+   (`sum`): each rank's loss is its share of the one-process loss, so the ranks' losses add up to it.
+3. DDP averages gradients over ranks, so each rank's loss is scaled by N before backward (`loss_scale`); the
+   micro-batches of a rank accumulate locally (`accelerator.no_sync`) and the last one synchronises.
+
+Launch lines (CPU): `accelerate launch --multi_gpu --num_processes N -m craft_bench.run ...` or
+`torchrun --nproc_per_node N -m craft_bench.run ...`. `accelerate launch --cpu` always starts ONE process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+class LaunchError(ValueError):
+    """The process layout cannot play the configured batch (a world size that does not divide the groups)."""
+
+
+@dataclass
+class DataParallel:
+    """This process's place in the data-parallel group; the single-process default does no communication."""
+
+    rank: int = 0
+    world_size: int = 1
+    accelerator: Any | None = None
+    """accelerate's `Accelerator` when world_size > 1, else None (a single process never imports accelerate)."""
+
+    @classmethod
+    def from_environment(cls, device: str = "cpu") -> DataParallel:
+        """Join the process group a launcher set up (`WORLD_SIZE` > 1), or stay single-process."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=torch.device(device).type == "cpu")
+        return cls(accelerator.process_index, accelerator.num_processes, accelerator)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes logs, checkpoints and results."""
+        return self.rank == 0
+
+    @property
+    def loss_scale(self) -> float:
+        """DDP averages gradients over ranks; scaling each rank's share by N makes the result their sum."""
+        return float(self.world_size)
+
+    def check_groups(self, n_groups: int) -> None:
+        """Every rank must play the same whole number of groups (>= 1)."""
+        if n_groups < self.world_size:
+            raise LaunchError(
+                f"{self.world_size} processes but only {n_groups} task groups per step: every process needs at least "
+                f"one group; set tasks_per_step to a multiple of {self.world_size} or launch fewer processes"
+            )
+        if n_groups % self.world_size:
+            raise LaunchError(
+                f"tasks_per_step={n_groups} does not split evenly over {self.world_size} processes (groups are never "
+                f"split across processes); use a multiple of {self.world_size}"
+            )
+
+    def group_block(self, n_groups: int) -> range:
+        """The global indices of the groups this rank plays: a contiguous block of n_groups / N."""
+        self.check_groups(n_groups)
+        share = n_groups // self.world_size
+        return range(self.rank * share, (self.rank + 1) * share)
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over ranks, in float64 (token counts stay exact integers)."""
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._comm_device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.cpu().tolist()
+
+    def max(self, value: float) -> float:
+        """The largest value over ranks."""
+        if self.world_size == 1:
+            return float(value)
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return float(tensor.item())
+
+    def gather(self, item: Any) -> list[Any]:
+        """Every rank's `item` (picklable), in rank order."""
+        if self.world_size == 1:
+            return [item]
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, item)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        # gloo reduces CPU tensors, NCCL CUDA ones: use the backend's device.
+        backend = torch.distributed.get_backend()
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
