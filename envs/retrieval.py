@@ -1,0 +1,300 @@
+"""Retrieval for Search-QA: a corpus in Search-R1's `corpus.jsonl` format and retrievers over it (BM25 with bm25s,
+dense E5 with sentence-transformers + FAISS, or Search-R1's HTTP retrieval server) behind one interface.
+
+Every retriever answers a batch of queries with Search-R1's server shape, `[[{"document": {"id", "contents"},
+"score": float}, ...], ...]`, so the environment formats hits the same way whichever retriever found them.
+Indexes are built once, cached under `$CRAFT_BENCH_HOME/searchqa/` by the corpus's sha256, and memory-mapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from craft_bench.envs.cache import build_once, cache_dir
+
+#: Bumped when the cached index layout or the tokenisation changes, so old caches are never reused.
+INDEX_VERSION = 1
+#: bm25s tokenisation, fixed so that an index and its queries always agree (no stemmer: results must not depend on
+#: whether PyStemmer happens to be installed).
+BM25_STOPWORDS = "en"
+DEFAULT_TOPK = 3
+
+Hit = dict[str, Any]
+"""One retrieved passage: `{"document": {"id": str, "contents": str}, "score": float}`."""
+
+
+def format_passages(hits: list[Hit]) -> str:
+    """Hits as Search-R1's agent shows them: `Doc i(Title: <first line>) <rest>` per hit, one line each.
+
+    The title is the first line of `contents` as stored, so wiki-18's quotes around titles stay (`Title: "Foo"`).
+    """
+    lines = []
+    for rank, hit in enumerate(hits, start=1):
+        title, _, text = hit["document"]["contents"].partition("\n")
+        lines.append(f"Doc {rank}(Title: {title}) {text}")
+    return "\n".join(lines)
+
+
+# ============================================================================================== corpus on disk
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, remembered under the cache by (path, size, mtime) so that a multi-GB corpus
+    is hashed once, not on every environment construction."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = cache_dir("searchqa", "file-hashes") / key
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(value)
+    os.replace(tmp, memo)
+    return value
+
+
+class Corpus:
+    """`corpus.jsonl` (rows `{"id", "contents"}`) read by line offsets: rows are parsed only when retrieved, so a
+    wiki-18-sized corpus costs one int64 per passage in memory (the offsets are cached and memory-mapped)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"corpus file {self.path} does not exist (expected Search-R1's corpus.jsonl: "
+                                    'one {"id", "contents"} row per line, contents "\\"Title\\"\\ntext")')
+        self.sha256 = file_sha256(self.path)
+        self.cache = cache_dir("searchqa", f"corpus-{self.sha256[:24]}-v{INDEX_VERSION}")
+        offsets_path = build_once(self.cache / "offsets.npy", self._write_offsets)
+        self.offsets = np.load(offsets_path, mmap_mode="r")
+        self._local = threading.local()
+
+    def _write_offsets(self, target: Path) -> None:
+        offsets = []
+        position = 0
+        with self.path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    _check_row(json.loads(line), self.path, number)
+                    offsets.append(position)
+                position += len(line)
+        if not offsets:
+            raise ValueError(f"corpus file {self.path} holds no passages")
+        with target.open("wb") as handle:
+            np.save(handle, np.asarray(offsets, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, str]:
+        handle = getattr(self._local, "handle", None)
+        if handle is None:
+            handle = self._local.handle = self.path.open("rb")
+        handle.seek(int(self.offsets[index]))
+        row = json.loads(handle.readline())
+        return {"id": str(row["id"]), "contents": row["contents"]}
+
+    def iter_contents(self):
+        """Every passage's `contents`, in corpus order (streamed)."""
+        with self.path.open("rb") as handle:
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)["contents"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # File handles and memory maps do not pickle; a worker reopens both.
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
+
+def _check_row(row: Any, path: Path, number: int) -> None:
+    if not isinstance(row, dict) or "contents" not in row or "id" not in row:
+        raise ValueError(f"{path}:{number}: a corpus row needs 'id' and 'contents' (Search-R1's corpus.jsonl), "
+                         f"got {str(row)[:120]}")
+
+
+# ================================================================================================== retrievers
+class Retriever(ABC):
+    """Answers batches of queries with the top-k passages, best first, in Search-R1's server shape."""
+
+    #: A short description for `info["retriever"]` and results (e.g. `bm25s` or the server URL).
+    name: str = ""
+
+    @abstractmethod
+    def search(self, queries: list[str], topk: int = DEFAULT_TOPK) -> list[list[Hit]]:
+        """For each query, up to `topk` hits, best first."""
+
+
+_BM25_LOADED: dict[Path, Any] = {}
+
+
+class BM25Retriever(Retriever):
+    """BM25 (bm25s's default Lucene variant, k1=1.5, b=0.75) over a `Corpus`, without stemming and with English
+    stop words. The index is built once per corpus sha256 and loaded memory-mapped, once per process."""
+
+    name = "bm25s"
+
+    def __init__(self, corpus: Corpus):
+        import bm25s  # a core dependency; imported here so that the module loads without it for the HTTP client
+
+        self.corpus = corpus
+        self.index_dir = corpus.cache / f"bm25s-{bm25s.__version__}"
+        self.built = False
+        build_once(self.index_dir, self._build)
+        if self.index_dir not in _BM25_LOADED:
+            _BM25_LOADED[self.index_dir] = bm25s.BM25.load(str(self.index_dir), mmap=True, show_progress=False)
+        self._bm25 = _BM25_LOADED[self.index_dir]
+
+    def _build(self, target: Path) -> None:
+        import bm25s
+
+        tokens = bm25s.tokenize(list(self.corpus.iter_contents()), stopwords=BM25_STOPWORDS, show_progress=False)
+        index = bm25s.BM25()
+        index.index(tokens, show_progress=False)
+        index.save(str(target), show_progress=False)
+        self.built = True
+
+    def search(self, queries: list[str], topk: int = DEFAULT_TOPK) -> list[list[Hit]]:
+        import bm25s
+
+        if not queries:
+            return []
+        k = min(int(topk), len(self.corpus))
+        tokens = bm25s.tokenize(list(queries), stopwords=BM25_STOPWORDS, return_ids=False, show_progress=False)
+        documents, scores = self._bm25.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        # A zero score means no query term occurs in the passage: not a hit, whatever rank bm25s gave it.
+        return [[{"document": self.corpus[int(d)], "score": float(s)} for d, s in zip(row_docs, row_scores) if s > 0]
+                for row_docs, row_scores in zip(documents, scores)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"corpus": self.corpus}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["corpus"])
+
+
+class HTTPRetriever(Retriever):
+    """A client of Search-R1's retrieval server: `POST {url} {"queries", "topk", "return_scores": true}` answered by
+    `{"result": [[{"document": {...}, "score": s}, ...], ...]}` (or bare documents when the server sends no scores).
+
+    Uses only the standard library; every request has a timeout and a failure names the server.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 30.0):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"retrieval server URL must start with http:// or https://, got {url!r}")
+        self.url = url
+        self.name = url
+        self.timeout_s = float(timeout_s)
+
+    def search(self, queries: list[str], topk: int = DEFAULT_TOPK) -> list[list[Hit]]:
+        if not queries:
+            return []
+        payload = json.dumps({"queries": list(queries), "topk": int(topk), "return_scores": True}).encode()
+        request = urllib.request.Request(self.url, data=payload, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                body = json.loads(response.read())
+        except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as error:
+            raise RuntimeError(f"retrieval server {self.url} failed: {error}") from error
+        return parse_server_response(body, len(queries), self.url)
+
+
+def parse_server_response(body: Any, n_queries: int, url: str = "the server") -> list[list[Hit]]:
+    """Search-R1's `/retrieve` response as hits; documents without scores (return_scores false) get score 0."""
+    if not isinstance(body, dict) or not isinstance(body.get("result"), list) or len(body["result"]) != n_queries:
+        raise RuntimeError(f"{url} answered {str(body)[:200]}; expected {{'result': [...]}} with one list per query "
+                           f"({n_queries})")
+    results = []
+    for per_query in body["result"]:
+        hits = []
+        for item in per_query:
+            document = item["document"] if isinstance(item, dict) and "document" in item else item
+            if not isinstance(document, dict) or "contents" not in document:
+                raise RuntimeError(f"{url} returned a document without 'contents': {str(item)[:200]}")
+            hits.append({"document": {"id": str(document.get("id", "")), "contents": document["contents"]},
+                         "score": float(item.get("score", 0.0)) if "document" in item else 0.0})
+        results.append(hits)
+    return results
+
+
+class DenseRetriever(Retriever):
+    """E5 embeddings (sentence-transformers, mean pooling, `query: ` / `passage: ` prefixes) with an exact FAISS
+    inner-product index, as Search-R1's e5 retriever. Needs the `dense` extra and a local model directory: nothing
+    is downloaded at run time. The passage index is built once per (corpus, model) and cached."""
+
+    def __init__(self, corpus: Corpus, model_path: str | os.PathLike, batch_size: int = 256):
+        try:
+            import faiss
+            from sentence_transformers import SentenceTransformer
+        except ImportError as error:
+            raise ImportError(
+                f"the dense retriever needs sentence-transformers and faiss ({error.name} is missing): "
+                "pip install 'craft-bench[dense]', or use the default BM25 retriever"
+            ) from error
+        model_dir = Path(model_path).expanduser()
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"dense retriever model {model_dir} is not a local directory; download the E5 "
+                                    "model once (e.g. intfloat/e5-base-v2) and pass its path: nothing is fetched here")
+        self.corpus = corpus
+        self.name = f"e5:{model_dir.name}"
+        self._model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+        model_key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:12]
+        index_path = corpus.cache / f"faiss-{model_dir.name}-{model_key}.index"
+
+        def build(target: Path) -> None:
+            index = faiss.IndexFlatIP(self._model.get_sentence_embedding_dimension())
+            batch: list[str] = []
+            for contents in corpus.iter_contents():
+                batch.append("passage: " + contents)
+                if len(batch) == batch_size:
+                    index.add(self._embed(batch))
+                    batch = []
+            if batch:
+                index.add(self._embed(batch))
+            faiss.write_index(index, str(target))
+
+        build_once(index_path, build)
+        self._index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP)
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self._model.encode(texts, normalize_embeddings=True), dtype=np.float32)
+
+    def search(self, queries: list[str], topk: int = DEFAULT_TOPK) -> list[list[Hit]]:
+        if not queries:
+            return []
+        scores, documents = self._index.search(self._embed(["query: " + q for q in queries]), int(topk))
+        return [[{"document": self.corpus[int(d)], "score": float(s)} for d, s in zip(row_d, row_s) if d >= 0]
+                for row_d, row_s in zip(documents, scores)]
+
+
+def make_retriever(spec: str | Retriever, corpus: Corpus | None) -> Retriever:
+    """A retriever from its spec: `bm25` (default), `http://host:port/retrieve` (Search-R1's server) or
+    `e5:<local model dir>` (dense); a `Retriever` instance is used as is."""
+    if isinstance(spec, Retriever):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"retriever must be a spec string or a Retriever, got {type(spec).__name__}")
+    if spec.startswith(("http://", "https://")):
+        return HTTPRetriever(spec)
+    if corpus is None:
+        raise ValueError(f"retriever {spec!r} needs a corpus.jsonl")
+    if spec == "bm25":
+        return BM25Retriever(corpus)
+    if spec.startswith("e5:"):
+        return DenseRetriever(corpus, spec[3:])
+    raise ValueError(f"unknown retriever {spec!r}; valid: 'bm25', 'e5:<local model dir>', 'http://host:port/retrieve'")
