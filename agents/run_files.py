@@ -1,9 +1,8 @@
 """The files of a run directory, written so that crashes, kills and concurrent starts never lose or mix data: the
-run lock, metrics.csv rows (append, widen, truncate, torn-line repair), atomic JSON/CSV writes, and run identity.
+run lock, metrics.csv rows (append, widen, truncate, torn-line repair), atomic JSON/CSV writes.
 
-Run identity and validation live here too, because they decide which directory a run owns: `run_config_id` hashes
-every TrainConfig setting that changes results, `config_differences` says which of them a resume would change, and
-`validate_train_config` checks every field's type and range before anything is created.
+It also holds the two checks that decide whether a run may start: `validate_train_config` (every field's type and
+range, before anything is created) and `config_differences` (which settings a resume would change).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
-import hashlib
 import io
 import json
 import math
@@ -203,38 +201,23 @@ def _as_step(value: Any) -> int | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------------------- run identity
-#: TrainConfig fields that never change a run's results, so they are left out of its identity and may differ on
-#: resume: `steps` (a resumed run may train longer; the row records train_steps), `num_workers` (every random draw
-#: comes from (seed, step, task, sibling), never from which worker ran it) and `checkpoint_every` (a resumed run
-#: equals an uninterrupted one bit for bit). `seed` is its own part of the run name.
-RESULT_NEUTRAL_FIELDS = frozenset({"steps", "num_workers", "checkpoint_every"})
-
-
-def identity_fields(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings that decide a run's results. The device counts by kind only: "cuda:1" and "cuda:0" give the
-    same numbers, cpu and cuda do not (different kernels, different float rounding)."""
-    values = {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_FIELDS}
-    if isinstance(values.get("device"), str):
-        values["device"] = values["device"].split(":", 1)[0]
-    return values
-
-
-def run_config_id(config: Mapping[str, Any]) -> str:
-    """8 hex digits naming a configuration apart from its seed: SHA-256 of the canonical JSON of its identity
-    fields. Two runs share it exactly when they are seeds of the same experiment."""
-    values = {k: v for k, v in identity_fields(config).items() if k != "seed"}
-    text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
+# ---------------------------------------------------------------------------------------------------- resume
+#: TrainConfig fields a resume may change: `steps` (a resumed run may be asked to train longer), and the settings
+#: that do not change results (craft_bench.leaderboard.identity.NEUTRAL_SETTINGS, which leaves them out of the run
+#: id): `num_workers` (every random draw comes from (seed, step, task, sibling), not from the worker that plays it),
+#: `checkpoint_every` (a resumed run equals an uninterrupted one), `micro_batch_rows` and `device` (float rounding
+#: only: a run resumed on another device or micro-batch size is no longer bit-identical to an uninterrupted one).
+RESUME_MAY_CHANGE = frozenset({"steps", "num_workers", "checkpoint_every", "micro_batch_rows", "device"})
 
 
 def config_differences(
     saved: Mapping[str, Any], current: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
 ) -> list[str]:
-    """Identity fields whose values differ between a checkpoint's config and this run's (sorted); [] = resumable.
-    A field the checkpoint lacks (it predates the field) takes its value from `defaults`, when given."""
-    mine, theirs = identity_fields(current), identity_fields({**(defaults or {}), **saved})
-    return sorted(k for k in set(mine) | set(theirs) if mine.get(k, _MISSING) != theirs.get(k, _MISSING))
+    """Fields (outside RESUME_MAY_CHANGE) whose values differ between a checkpoint's config and this run's, sorted;
+    [] = resumable. A field the checkpoint lacks (it predates the field) takes its value from `defaults`, if given."""
+    theirs = {**(defaults or {}), **saved}
+    names = (set(current) | set(theirs)) - RESUME_MAY_CHANGE
+    return sorted(k for k in names if current.get(k, _MISSING) != theirs.get(k, _MISSING))
 
 
 _MISSING = object()
@@ -302,12 +285,10 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def validate_train_config(values: Mapping[str, Any], config_cls: type | None = None) -> None:
-    """Check every field of `values` against the dataclass's declared type and `FIELD_RANGES`/`FIELD_CHOICES`;
-    raises ConfigError listing each problem by field name. Unknown fields are named with the closest valid ones.
-    `config_cls` defaults to TrainConfig. Ints must be integers (2.5 and true are refused), floats finite."""
-    if config_cls is None:
-        from craft_bench.agents.trainer import TrainConfig as config_cls
+def validate_train_config(values: Mapping[str, Any], config_cls: type) -> None:
+    """Check every field of `values` against the dataclass `config_cls` (TrainConfig): its declared type, and
+    `FIELD_RANGES`/`FIELD_CHOICES`; raises ConfigError listing each problem by field name. Unknown fields are named
+    with the closest valid ones. Ints must be integers (2.5 and true are refused), floats finite."""
     hints = typing.get_type_hints(config_cls)
     known = [f.name for f in dataclasses.fields(config_cls)]
     problems = []

@@ -1,5 +1,5 @@
 """Tests of agents/run_files.py: one process per run directory (with a named holder, and no stale locks), metrics.csv
-survives torn lines and kills, atomic writes, run identity covering every result-changing setting, field validation."""
+survives torn lines and kills, atomic writes, which settings a resume may change, field validation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import typing
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from craft_bench.agents.run_files import (
     append_metrics,
     config_differences,
     read_metrics,
-    run_config_id,
     truncate_metrics,
     validate_train_config,
     write_json_atomic,
@@ -145,30 +143,17 @@ def test_atomic_json_write_leaves_the_old_file_and_no_tmp_when_the_disk_is_full(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
-# ---------------------------------------------------------------------------------------------------- identity
+# ---------------------------------------------------------------------------------------------------- resume
 def _config(**overrides) -> dict:
     return dataclasses.asdict(TrainConfig(**overrides))
 
 
-@pytest.mark.parametrize("field, value", [
-    ("lr", 3e-4), ("temperature", 0.7), ("group_size", 8), ("history_turns", 3), ("env_kwargs", {"x": 1}),
-    ("method_options", {"alpha": 0.02}), ("eval_temperature", 0.5), ("model", "Qwen/Qwen2.5-0.5B"), ("device", "cuda"),
-])
-def test_every_result_changing_setting_changes_the_run_id(field, value):
-    assert run_config_id(_config(**{field: value})) != run_config_id(_config())
-
-
-@pytest.mark.parametrize("field, value", [("steps", 50), ("num_workers", 7), ("checkpoint_every", 5), ("seed", 3), ("device", "cpu:0")])
-def test_settings_that_never_change_results_keep_the_run_id(field, value):
-    assert run_config_id(_config(**{field: value})) == run_config_id(_config())
-
-
 def test_resume_may_change_worker_count_and_steps_but_not_results_settings():
     saved = _config(num_workers=2, steps=10)
-    assert config_differences(saved, _config(num_workers=8, steps=20)) == []
-    assert config_differences(saved, _config(device="cuda:0")) == ["device"]
-    assert config_differences(_config(device="cuda:1"), _config(device="cuda:0")) == []
+    assert config_differences(saved, _config(num_workers=8, steps=20, checkpoint_every=3)) == []
+    assert config_differences(saved, _config(device="cuda:0", micro_batch_rows=8)) == []  # float rounding only
     assert config_differences(saved, _config(lr=3e-4, temperature=0.5)) == ["lr", "temperature"]
+    assert config_differences(saved, _config(method_options={"alpha": 0.02})) == ["method_options"]
 
 
 def test_a_checkpoint_predating_a_new_field_resumes_when_the_field_has_its_default():
@@ -201,18 +186,18 @@ def test_a_checkpoint_predating_a_new_field_resumes_when_the_field_has_its_defau
 ])
 def test_bad_values_are_rejected_by_field_with_the_allowed_range(values, message):
     with pytest.raises(ConfigError, match=message):
-        validate_train_config(values)
+        validate_train_config(values, TrainConfig)
 
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
-        validate_train_config({"temperature": -1, "top_p": 5})
+        validate_train_config({"temperature": -1, "top_p": 5}, TrainConfig)
     assert "temperature" in str(info.value) and "top_p" in str(info.value)
 
 
 def test_good_values_pass_including_none_workers_and_int_for_float():
-    validate_train_config({"num_workers": None, "lr": 1, "temperature": 0, "top_p": 1.0, "steps": 0, "method_options": {}})
-    validate_train_config(_config())
+    validate_train_config({"num_workers": None, "lr": 1, "temperature": 0, "top_p": 1.0, "steps": 0, "method_options": {}}, TrainConfig)
+    validate_train_config(_config(), TrainConfig)
 
 
 def test_every_numeric_train_config_field_has_a_range():
@@ -238,11 +223,3 @@ def test_validation_is_generic_over_the_dataclass():
         validate_train_config({"lr": 0.1}, Other)
 
 
-def test_lock_file_write_is_quick():
-    # The lock costs one open, flock and pwrite: starting a run must not wait on it.
-    tick = time.perf_counter()
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder, RunLock(folder):
-        pass
-    assert time.perf_counter() - tick < 1.0
