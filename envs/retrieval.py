@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -24,10 +25,9 @@ from craft_bench.envs.cache import build_once, cache_dir
 
 #: Bumped when the cached index layout or the tokenisation changes, so old caches are never reused.
 INDEX_VERSION = 1
-#: bm25s tokenisation, fixed so that an index and its queries always agree (no stemmer: results must not depend on
-#: whether PyStemmer happens to be installed).
-BM25_STOPWORDS = "en"
 DEFAULT_TOPK = 3
+#: bm25s.tokenize's default token pattern, applied to queries exactly as to the corpus.
+_BM25_TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
 Hit = dict[str, Any]
 """One retrieved passage: `{"document": {"id": str, "contents": str}, "score": float}`."""
@@ -142,6 +142,14 @@ class Retriever(ABC):
 _BM25_LOADED: dict[Path, Any] = {}
 
 
+def bm25_stopwords() -> list[str]:
+    """bm25s's English stop words. Tokenisation is fixed (this list, no stemmer) so that an index and its queries
+    always agree and results never depend on whether PyStemmer happens to be installed."""
+    from bm25s.stopwords import STOPWORDS_EN
+
+    return list(STOPWORDS_EN)
+
+
 class BM25Retriever(Retriever):
     """BM25 (bm25s's default Lucene variant, k1=1.5, b=0.75) over a `Corpus`, without stemming and with English
     stop words. The index is built once per corpus sha256 and loaded memory-mapped, once per process."""
@@ -158,27 +166,43 @@ class BM25Retriever(Retriever):
         if self.index_dir not in _BM25_LOADED:
             _BM25_LOADED[self.index_dir] = bm25s.BM25.load(str(self.index_dir), mmap=True, show_progress=False)
         self._bm25 = _BM25_LOADED[self.index_dir]
+        self._stopwords = frozenset(bm25_stopwords())
 
     def _build(self, target: Path) -> None:
         import bm25s
 
-        tokens = bm25s.tokenize(list(self.corpus.iter_contents()), stopwords=BM25_STOPWORDS, show_progress=False)
+        tokens = bm25s.tokenize(list(self.corpus.iter_contents()), stopwords=bm25_stopwords(),
+                                token_pattern=_BM25_TOKEN.pattern, show_progress=False)
         index = bm25s.BM25()
         index.index(tokens, show_progress=False)
         index.save(str(target), show_progress=False)
         self.built = True
 
-    def search(self, queries: list[str], topk: int = DEFAULT_TOPK) -> list[list[Hit]]:
-        import bm25s
+    def query_token_ids(self, query: str) -> list[int]:
+        """The query's index token ids, tokenised as `bm25s.tokenize` tokenises the corpus (same pattern, lower
+        case, stop words); terms the corpus never uses are dropped."""
+        vocab = self._bm25.vocab_dict
+        tokens = (t for t in _BM25_TOKEN.findall(query.lower()) if t not in self._stopwords)
+        return [vocab[t] for t in tokens if t in vocab]
 
-        if not queries:
-            return []
+    def search(self, queries: list[str], topk: int = DEFAULT_TOPK) -> list[list[Hit]]:
+        # Scores come from bm25s's eager sparse matrix; the top-k is taken here because `BM25.retrieve` spends more
+        # time on progress bars and thread pools than on scoring when the env sends one query per step.
         k = min(int(topk), len(self.corpus))
-        tokens = bm25s.tokenize(list(queries), stopwords=BM25_STOPWORDS, return_ids=False, show_progress=False)
-        documents, scores = self._bm25.retrieve(tokens, k=k, show_progress=False, n_threads=1)
-        # A zero score means no query term occurs in the passage: not a hit, whatever rank bm25s gave it.
-        return [[{"document": self.corpus[int(d)], "score": float(s)} for d, s in zip(row_docs, row_scores) if s > 0]
-                for row_docs, row_scores in zip(documents, scores)]
+        results = []
+        for query in queries:
+            ids = self.query_token_ids(query)
+            if not ids:
+                results.append([])
+                continue
+            scores = self._bm25.get_scores_from_ids(ids)
+            top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+            # Best score first, ties by corpus order, so results never depend on argpartition's internals.
+            top = top[np.lexsort((top, -scores[top]))]
+            # A zero score means no query term occurs in the passage: not a hit.
+            results.append([{"document": self.corpus[int(d)], "score": float(scores[d])} for d in top
+                            if scores[d] > 0])
+        return results
 
     def __getstate__(self) -> dict[str, Any]:
         return {"corpus": self.corpus}

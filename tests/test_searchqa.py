@@ -22,6 +22,7 @@ from craft_bench.envs.retrieval import (
     Corpus,
     DenseRetriever,
     HTTPRetriever,
+    bm25_stopwords,
     format_passages,
     parse_server_response,
 )
@@ -205,6 +206,25 @@ def test_bm25_index_is_reused_and_rebuilt_when_the_corpus_changes(tmp_path: Path
     changed = BM25Retriever(Corpus(corpus))
     assert changed.built and changed.index_dir != first.index_dir
     assert changed.search(["word7"])[0][0]["document"]["id"] == "20"
+
+
+def test_bm25_search_ranks_as_bm25s_retrieve_does() -> None:
+    import bm25s
+
+    env = gen_env("test")
+    queries = ["capital", "founded in 1805", "The city of the painter, the poet?", "Who founded it", "observatory",
+               "Zoulzou Bank 1802"]
+    for query in queries:
+        tokens = bm25s.tokenize([query], stopwords=bm25_stopwords(), return_ids=False, show_progress=False)
+        documents, scores = env.retriever._bm25.retrieve(tokens, k=3, show_progress=False)
+        ours = env.retriever.search([query], 3)[0]
+        expected = [(env.retriever.corpus[int(d)]["id"], float(s)) for d, s in zip(documents[0], scores[0]) if s > 0]
+        # Same scores; the same passages except where bm25s breaks a tie at the k-th score its own way.
+        assert [h["score"] for h in ours] == pytest.approx([s for _, s in expected]), query
+        last = expected[-1][1]
+        assert ({h["document"]["id"] for h in ours if h["score"] > last + 1e-6}
+                == {d for d, s in expected if s > last + 1e-6}), query
+    assert any(len({h["score"] for h in env.retriever.search([q], 3)[0]}) == 3 for q in queries)  # not all ties
 
 
 def test_bm25_drops_passages_that_share_no_query_term(tmp_path: Path) -> None:
