@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from craft_bench.agents.episodes import episode_return
+
 GAP_CLAMP = 20.0
 """Bound on the teacher-student gap Δ and on the reference log-ratio u (spec §1-§2), against overflow in exp."""
 
@@ -79,12 +81,13 @@ class TokenBatch:
 def episode_returns(
     won: Tensor, n_invalid: Tensor, success_reward: float = 10.0, invalid_penalty: float = 0.1
 ) -> Tensor:
-    """R_i = success_reward · won_i - invalid_penalty · n_invalid_i (spec §2). won, n_invalid: (E,) -> (E,) float32."""
+    """R_i = success_reward · won_i - invalid_penalty · n_invalid_i (spec §2; `episodes.episode_return` applied to
+    float32 tensors). won, n_invalid: (E,) -> (E,) float32."""
     won = torch.as_tensor(won)
     n_invalid = torch.as_tensor(n_invalid)
     if won.shape != n_invalid.shape or won.dim() != 1:
         raise ValueError(f"won and n_invalid must be 1-D of the same shape, got {tuple(won.shape)} and {tuple(n_invalid.shape)}")
-    return success_reward * won.to(torch.float32) - invalid_penalty * n_invalid.to(torch.float32)
+    return episode_return(won.to(torch.float32), n_invalid.to(torch.float32), success_reward, invalid_penalty)
 
 
 def grpo_advantages(returns: Tensor, group_id: Tensor, adv_std: str = "group") -> Tensor:
@@ -189,11 +192,14 @@ def distill_term(logp: Tensor, teacher_logp: Tensor, weight: Tensor, lam: float)
 
 
 def skill_sd_term(logp: Tensor, old_logp: Tensor, teacher_logp: Tensor, coef: float, ratio_cap: float = 10.0) -> Tensor:
-    """Skill-SD: c · sg(ρ̃) · (exp(-ℓ) - 1 + ℓ), ℓ = lp - sg(lp_T), ρ̃ = exp(min(lp - lp_old, 10)). (R, T) -> (R, T).
+    """Skill-SD: c · sg(ρ̃) · (exp(-ℓ) - 1 + ℓ), ℓ = max(lp - sg(lp_T), -20), ρ̃ = exp(min(lp - lp_old, 10)).
+    (R, T) -> (R, T).
 
-    d/dlp = c · ρ̃ · (1 - exp(-ℓ)).
+    d/dlp = c · ρ̃ · (1 - exp(-ℓ)) where lp - lp_T > -20. The clamp caps exp(-ℓ) at e^20 (SDAR's cap): without it
+    the term and its gradient overflow as the teacher gap grows; beyond it the term is constant (no gradient), as
+    the reference KL is beyond its own ±20 clamp. Inside the cap the values are those of the unclamped formula.
     """
-    ell = logp - teacher_logp.detach()
+    ell = torch.clamp(logp - teacher_logp.detach(), min=-GAP_CLAMP)
     ratio = torch.exp(torch.clamp(logp.detach() - old_logp.detach(), max=ratio_cap))
     return coef * (ratio * (torch.exp(-ell) - 1.0 + ell))
 

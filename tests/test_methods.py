@@ -12,8 +12,9 @@ import torch
 
 from craft_bench.agents import losses as L
 from craft_bench.agents.methods import (
-    METHOD_NAMES, PAPER_DEFAULTS, combine_metrics, make_method, method_defaults, method_options_help,
+    METHOD_NAMES, combine_metrics, make_method, method_defaults, method_options_help,
 )
+from craft_bench.agents.presets import paper_method_options
 from craft_bench.bench.losses import synthetic_batch
 
 SHAPES = [(1, 2, 1, 3), (2, 4, 3, 7), (3, 3, 5, 16)]  # (groups, group size, max turns, positions)
@@ -51,7 +52,8 @@ def test_every_method_builds_with_documented_defaults_and_round_trips_its_config
         assert method.config == method_defaults(name)
         assert set(method_options_help(name)) == set(method.config)
         assert make_method(name, **json.loads(json.dumps(method.config))).config == method.config
-        assert make_method(name, **PAPER_DEFAULTS[name]).config["alpha"] == 0.01
+        paper = make_method(name, **paper_method_options(name)).config
+        assert (paper["alpha"], paper["h"]) == (0.01, 0.001)
 
 
 def test_spec_defaults():

@@ -1,5 +1,5 @@
 """The trainers' methods: `make_method(name, **options)` builds grpo, opsd, sdar, skill_sd, rlsd, adaptive_cringe or
-craft (CRAFT_SPEC.md §5). Each exposes loss/prepare/end_step, what the trainer must compute, config and state."""
+craft (CRAFT_SPEC.md §5). Each exposes `needs`, prepare/loss/end_step, config and state (see methods/base.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from craft_bench.agents.methods.adaptive_cringe import AdaptiveCringe
-from craft_bench.agents.methods.base import Method, StepContext, combine_metrics
+from craft_bench.agents.methods.base import Method, Needs, StepContext, StepStats, combine_metrics
 from craft_bench.agents.methods.craft import Craft
 from craft_bench.agents.methods.grpo import Grpo
 from craft_bench.agents.methods.rlsd import Rlsd
@@ -19,12 +19,6 @@ METHODS: dict[str, type[Method]] = {
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 """Every method name, in the order of CRAFT_SPEC.md §3."""
-
-PAPER_ALPHA = 0.01
-"""Reference-KL coefficient of the paper-scale preset: verl-agent's ALFWorld scripts (kl_loss_coef=0.01,
-kl_loss_type=low_var_kl, i.e. k3), on which SDAR's public code builds. The library default is α = 0, so that a
-method asks for no reference forward pass unless told to."""
-
 
 def _method_class(name: str) -> type[Method]:
     if name not in METHODS:
@@ -42,13 +36,6 @@ def method_options_help(name: str) -> dict[str, str]:
     return {f.name: f.metadata["help"] for f in dataclasses.fields(_method_class(name).Options)}
 
 
-PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
-    name: {**method_defaults(name), "alpha": PAPER_ALPHA} for name in METHOD_NAMES
-}
-"""Paper-scale preset per method: the spec's defaults (SDAR: λ = 0.01, β = 5; CRAFT's ours-marked choices; PPO clip
-0.2/0.2, dual clip 3) with α = PAPER_ALPHA. Use as `make_method(name, **PAPER_DEFAULTS[name])`."""
-
-
 def make_method(name: str, **options: Any) -> Method:
     """Build method `name` with `options` overriding its defaults; an unknown name or option is a ValueError
     listing the valid ones."""
@@ -61,6 +48,6 @@ def make_method(name: str, **options: Any) -> Method:
 
 
 __all__ = [
-    "METHODS", "METHOD_NAMES", "PAPER_ALPHA", "PAPER_DEFAULTS", "Method", "StepContext", "combine_metrics",
-    "make_method", "method_defaults", "method_options_help",
+    "METHODS", "METHOD_NAMES", "Method", "Needs", "StepContext", "StepStats", "combine_metrics", "make_method",
+    "method_defaults", "method_options_help",
 ]

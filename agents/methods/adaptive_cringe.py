@@ -3,16 +3,16 @@ CRINGE contrastive term λ_n · w_ct · softplus(z_y - z_+) where it disagrees (
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from craft_bench.agents import losses as L
-from craft_bench.agents.methods.base import StepContext, option
-from craft_bench.agents.methods.controller import GATE_ACTIVITY, ControlledOptions
-from craft_bench.agents.methods.sdar import Sdar
+from craft_bench.agents.methods.base import Needs, StepContext, option
+from craft_bench.agents.methods.controller import ControlledOptions, ControlledSdar
 
 
 @dataclass
@@ -27,30 +27,21 @@ class AdaptiveCringeOptions(ControlledOptions):
             raise ValueError(f"option top_k must be >= 1, got {self.top_k}")
 
 
-class AdaptiveCringe(Sdar):
+class AdaptiveCringe(ControlledSdar):
     """agg(pg + α_n·k3 + [Δ ≥ 0] λ_n·g·(sg(lp_T) - lp) + [Δ < 0] λ_n·w_ct·softplus(z_y - z_+)) - h·agg(H)."""
 
     name = "adaptive_cringe"
-    Options = AdaptiveCringeOptions
-    needs_tokens = True
-
-    def __init__(self, options: AdaptiveCringeOptions) -> None:
-        super().__init__(options)
-        self.controller = options.make_controller()
+    Options: ClassVar[type] = AdaptiveCringeOptions
 
     @property
-    def needs_logits(self) -> bool:
-        return True
+    def needs(self) -> Needs:
+        return dataclasses.replace(super().needs, logits=True, tokens=True)
 
-    def current_lam_alpha(self) -> tuple[float, float]:
-        return self.controller.state.lam, self.controller.state.alpha
-
-    def steps_done(self) -> int:
-        return self.controller.state.steps
-
-    def _prepare_gated(self, batch: L.TokenBatch, ctx: StepContext, gap: Tensor, gate: Tensor) -> None:
+    def _context(self, batch: L.TokenBatch, **common: Any) -> StepContext:
+        ctx = super()._context(batch, **common)
+        gap = L.teacher_gap(batch.teacher_logp, batch.old_logp)
         ctx.metrics["cringe/neg_frac"] = float(((gap < 0) & batch.mask).sum()) / max(int(batch.mask.sum()), 1)
-        ctx.metrics.update(self.controller.metrics())
+        return ctx
 
     def contrast_tokens(self, batch: L.TokenBatch, ctx: StepContext, rows: Tensor, cols: Tensor, y: Tensor) -> Tensor:
         """(N,) contrast ids at positions (rows, cols). Each row's uniforms come from its own seeded generator, so
@@ -81,16 +72,3 @@ class AdaptiveCringe(Sdar):
             "distill": torch.where(agree, distill, zero),
             "cringe": ctx.lam * (self.options.w_ct * cringe),
         }
-
-    def end_step(self, metrics: dict[str, float]) -> None:
-        if GATE_ACTIVITY not in metrics:
-            raise ValueError(f"adaptive_cringe needs metrics[{GATE_ACTIVITY!r}] in end_step (from loss())")
-        self.controller.update(metrics[GATE_ACTIVITY])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"controller": self.controller.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"controller"}:
-            raise ValueError(f"adaptive_cringe state must have the key 'controller', got {sorted(state)}")
-        self.controller.load_state_dict(state["controller"])

@@ -1,15 +1,25 @@
-"""The method API shared by every trainer (CRAFT_SPEC.md §5): options, the per-step context, and the loss skeleton.
-A method is `agg(pg + α·KL + extra terms) - h·agg(H)`; subclasses supply token advantages and the extra terms.
+"""The method API shared by every trainer (CRAFT_SPEC.md §5): what a method needs, its options, its per-step
+context and statistics, and the loss skeleton `agg(pg + α·KL + extra terms) - h·agg(H)`.
 
-Micro-batching: `prepare(full_batch)` computes, once per step, everything that needs the whole step (the token-mean
-denominator, gate activity, Pillar 1's sibling credit) into a `StepContext`; `loss(micro_batch, ctx.select(rows))`
-then returns that micro-batch's share, so the shares sum to the full-batch loss. `loss(batch)` alone is the
-single-batch case.
+A method is four things:
+- `needs` (a `Needs` record): which forward passes and tensors the trainer must produce (teacher weights or none,
+  reference, logits, token ids);
+- `Options` (a dataclass of documented options, validated by their own metadata; the base reads only the common
+  ones: PPO clip, α, h, advantage normalisation);
+- `prepare(full_batch, step)`: everything that needs the whole step (token count, gate, Pillar 1's credit, the λ and
+  α in force), detached, into a typed `StepContext`, whose `stats` (a `StepStats`) is what stateful parts (Pillar 2)
+  learn from at `end_step`;
+- the loss terms, pure functions of (token batch, context): `token_advantages`, `reference_kl`, `extra_terms`.
+
+Micro-batching: `loss(micro_batch, ctx.select(rows))` returns that micro-batch's share of the step, so the shares
+sum to the full-batch loss. Several updates per rollout: `ctx.select(rows).with_tokens(n)` gives a mini-batch its
+own token-mean denominator. `loss(batch)` alone is the single-batch case.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -19,27 +29,27 @@ from torch import Tensor
 from craft_bench.agents import losses as L
 
 
-def option(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A documented method option: its default, one line of help, and optionally the allowed values."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def option(default: Any, help: str, choices: tuple | None = None, minimum: float | None = None) -> Any:
+    """A documented method option: its default, one line of help, optionally the allowed values or a minimum."""
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
 
 
 @dataclass
 class CommonOptions:
     """Options every method has (PPO clip, reference KL, entropy bonus, advantage normalisation)."""
 
-    eps_lo: float = option(0.2, "PPO clip: lower bound 1-eps_lo on the ratio")
-    eps_hi: float = option(0.2, "PPO clip: upper bound 1+eps_hi on the ratio")
+    eps_lo: float = option(0.2, "PPO clip: lower bound 1-eps_lo on the ratio", minimum=0.0)
+    eps_hi: float = option(0.2, "PPO clip: upper bound 1+eps_hi on the ratio", minimum=0.0)
     dual_clip: float = option(3.0, "dual clip c: for A < 0 the token loss is capped at -c·A")
-    alpha: float = option(0.0, "reference-KL coefficient α (k3); 0 disables it and no reference scores are needed")
-    h: float = option(0.0, "entropy-bonus coefficient; 0 disables it and no logits are needed")
+    alpha: float = option(0.0, "reference-KL coefficient α (k3); 0 disables it and no reference scores are needed", minimum=0.0)
+    h: float = option(0.0, "entropy-bonus coefficient; 0 disables it and no logits are needed", minimum=0.0)
     adv_std: str = option("group", "GRPO advantage: divide by the group std ('group') or not ('none', Dr.GRPO)", ("group", "none"))
     logits_chunk: int = option(1024, "positions per chunk when a term needs the full vocabulary (entropy, CRINGE)")
 
     def validate(self) -> None:
-        """Raise ValueError naming the first option out of its domain."""
+        """Raise ValueError naming the first option out of its domain (type, choices, minimum), then the
+        method-specific checks of subclasses."""
         for f in fields(self):
-            choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             expected = type(f.default)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -47,45 +57,92 @@ class CommonOptions:
                 setattr(self, f.name, value)
             if type(value) is not expected:
                 raise ValueError(f"option {f.name} must be a {expected.__name__}, got {value!r}")
+            choices = f.metadata.get("choices")
             if choices is not None and value not in choices:
                 raise ValueError(f"option {f.name}={value!r} is not one of {list(choices)}")
-        nonneg = ("eps_lo", "eps_hi", "alpha", "h", "lam", "coef", "kappa", "w_ct", "eta_up", "eta_down")
-        for name in nonneg:
-            if hasattr(self, name) and not getattr(self, name) >= 0:
-                raise ValueError(f"option {name} must be >= 0, got {getattr(self, name)}")
+            minimum = f.metadata.get("minimum")
+            if minimum is not None and not value >= minimum:
+                raise ValueError(f"option {f.name} must be >= {minimum:g}, got {value}")
         if self.dual_clip <= 1:
             raise ValueError(f"option dual_clip must be > 1, got {self.dual_clip}")
         if self.logits_chunk < 1:
             raise ValueError(f"option logits_chunk must be >= 1, got {self.logits_chunk}")
 
 
+TEACHERS = ("old", "ref", "ema")
+"""Which weights score the teacher prompt: θ_old (the sampling policy), the reference (initial weights), an EMA of θ."""
+
+
 @dataclass
+class TeacherOptions(CommonOptions):
+    """The common options plus the choice of teacher weights (every method with a teacher pass)."""
+
+    teacher: str = option("old", "teacher weights: θ_old ('old'), the reference ('ref'), or an EMA of θ ('ema')", TEACHERS)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What the trainer must compute for a method, per rollout."""
+
+    teacher: str | None = None
+    """Weights that score the privileged prompt x+ ("old", "ref" or "ema"); None: no teacher pass at all."""
+    reference: bool = False
+    """Score the rollout under the reference policy (TokenBatch.ref_logp)."""
+    logits: bool = False
+    """Pass the student's logits (R, T, V) to the loss (TokenBatch.logits)."""
+    tokens: bool = False
+    """Pass the sampled token ids (TokenBatch.tokens)."""
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step teaches a method's stateful parts (Pillar 2), produced by `prepare` from the whole step."""
+
+    gate_activity: float | None = None
+    """Fraction of the step's valid tokens with gate g > 0.5; None for methods without a gate."""
+
+    #: The metric each field is logged under: only `from_metrics` (the external `end_step(metrics)` call) reads it.
+    METRIC_NAMES: ClassVar[dict[str, str]] = {"gate_activity": "sdar/gate_activity"}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float]) -> StepStats:
+        """The statistics inside a metrics dict returned by `loss()` (fields whose metric is absent are None)."""
+        return cls(**{name: metrics.get(key) for name, key in cls.METRIC_NAMES.items()})
+
+
+@dataclass(kw_only=True)
 class StepContext:
     """What one step computes once from the full batch; `select(rows)` gives a micro-batch's view of it."""
 
     n_tokens: float
-    """Valid tokens in the whole step: the denominator of every token-mean."""
-    lam: float
-    """λ in force this step (Pillar 2's value, or the configured one)."""
+    """The token-mean denominator: valid tokens of the whole step, or of the mini-batch for one of several updates."""
     alpha: float
-    """α in force this step."""
+    """α in force this step (Pillar 2's value, or the configured one)."""
     step: int
-    """How many steps the method has finished (seeds CRINGE's draws)."""
+    """Index (from 0) of the training step this context belongs to: the trainer passes its step; without one, the
+    number of `end_step` calls this method has seen. Seeds CRINGE's draws and drives RLSD's λ warm-down."""
     row_keys: Tensor
     """(R, 3) int64: (group_id, episode_id, turn_idx) of each row, to check micro-batches line up."""
-    credit: Tensor | None = None
-    """(R,) signed credit c = tanh(CTI/s) (Pillar 1), or None when the method has none."""
+    stats: StepStats = field(default_factory=StepStats)
+    """The step's statistics for `end_step`."""
     metrics: dict[str, float] = field(default_factory=dict)
-    """Step-wide metrics (gate activity, credit statistics, controller values)."""
+    """Step-wide metrics for the log (gate statistics, credit statistics, controller values). Never read back."""
 
-    def select(self, index: Tensor | slice) -> "StepContext":
+    ROW_FIELDS: ClassVar[tuple[str, ...]] = ()
+    """Per-row tensor fields of a subclass that `select` must index along with the rows."""
+
+    def select(self, index: Tensor | slice) -> StepContext:
         """The context restricted to some rows, matching `TokenBatch.select(index)`."""
         cpu_index = index.cpu() if isinstance(index, Tensor) else index  # row_keys live on the CPU
-        return dataclasses.replace(
-            self,
-            row_keys=self.row_keys[cpu_index],
-            credit=None if self.credit is None else self.credit[index],
-        )
+        changes: dict[str, Any] = {"row_keys": self.row_keys[cpu_index]}
+        for name in self.ROW_FIELDS:
+            value = getattr(self, name)
+            changes[name] = None if value is None else value[index]
+        return dataclasses.replace(self, **changes)
+
+    def with_tokens(self, n_tokens: float) -> StepContext:
+        """The same context with another token-mean denominator (one mini-batch's valid tokens)."""
+        return dataclasses.replace(self, n_tokens=float(n_tokens))
 
 
 def row_keys(batch: L.TokenBatch) -> Tensor:
@@ -94,7 +151,7 @@ def row_keys(batch: L.TokenBatch) -> Tensor:
 
 
 def combine_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Merge the metrics of a step's micro-batches: `loss/*` entries are shares and are summed; the rest are
+    """Merge the metrics of one update's micro-batches: `loss/*` entries are shares and are summed; the rest are
     step-wide (identical in every part) and taken from the first."""
     if not parts:
         raise ValueError("combine_metrics needs at least one micro-batch's metrics")
@@ -110,27 +167,44 @@ class Method:
     """Base class: the GRPO loss with optional reference KL and entropy bonus. See the module docstring."""
 
     name: ClassVar[str] = ""
-    Options: ClassVar[type] = CommonOptions
-    needs_teacher: ClassVar[bool] = False
-    """Whether the trainer must score the rollout under the teacher (teacher_logp)."""
-    needs_tokens: ClassVar[bool] = False
-    """Whether the trainer must pass the sampled token ids (TokenBatch.tokens)."""
+    Options: ClassVar[type[CommonOptions]] = CommonOptions
 
     def __init__(self, options: CommonOptions) -> None:
         options.validate()
         self.options = options
+        self._steps_seen = 0
 
     # -- what the trainer must compute ---------------------------------------------------------------------------
 
     @property
+    def needs(self) -> Needs:
+        """The forward passes and tensors this method's loss reads (reference only when α > 0, logits when h > 0)."""
+        return Needs(teacher=None, reference=self.options.alpha > 0, logits=self.options.h > 0, tokens=False)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.needs.teacher is not None
+
+    @property
     def needs_ref(self) -> bool:
-        """Whether the trainer must score the rollout under the reference policy (ref_logp): only when α > 0."""
-        return self.options.alpha > 0
+        return self.needs.reference
 
     @property
     def needs_logits(self) -> bool:
-        """Whether the trainer must pass the student's logits (R, T, V)."""
-        return self.options.h > 0
+        return self.needs.logits
+
+    @property
+    def needs_tokens(self) -> bool:
+        return self.needs.tokens
+
+    @property
+    def adv_std(self) -> str:
+        """How episode advantages are normalised within a group ('group' or 'none')."""
+        return self.options.adv_std
+
+    def advantages(self, returns: Tensor, group_id: Tensor) -> Tensor:
+        """(E,) GRPO advantages of the episodes' returns, normalised as this method's `adv_std` says."""
+        return L.grpo_advantages(returns, group_id, self.options.adv_std)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -146,57 +220,34 @@ class Method:
         if state:
             raise ValueError(f"method {self.name} is stateless but got state keys {sorted(state)}")
 
-    def end_step(self, metrics: dict[str, float]) -> None:
-        """Advance per-step state from the step's (combined) metrics; a no-op for stateless methods."""
+    def end_step(self, stats: StepStats | Mapping[str, float]) -> None:
+        """Advance per-step state after a step: the trainer passes the context's `StepStats`; external callers may
+        pass the metrics dict returned by `loss()` (CRAFT_SPEC §5). A no-op for stateless methods."""
+        if not isinstance(stats, StepStats):
+            stats = StepStats.from_metrics(stats)
+        self._advance(stats)
+        self._steps_seen += 1
 
-    # -- the loss --------------------------------------------------------------------------------------------------
+    def _advance(self, stats: StepStats) -> None:
+        """Hook: fold one step's statistics into the method's state."""
 
-    def current_lam_alpha(self) -> tuple[float, float]:
-        return getattr(self.options, "lam", 0.0), self.options.alpha
+    # -- the step context ------------------------------------------------------------------------------------------
 
-    def _check(self, batch: L.TokenBatch, with_logp: bool) -> None:
-        if not isinstance(batch, L.TokenBatch):
-            raise TypeError(f"expected a TokenBatch, got {type(batch).__name__}")
-        shape = tuple(batch.mask.shape)
-        if batch.mask.dtype != torch.bool or len(shape) != 2:
-            raise ValueError(f"mask must be a 2-D bool tensor, got {batch.mask.dtype} of shape {shape}")
-        needed = {"old_logp": True, "logp": with_logp, "teacher_logp": self.needs_teacher, "ref_logp": self.needs_ref}
-        for name, required in needed.items():
-            value = getattr(batch, name)
-            if required and value is None:
-                raise ValueError(f"method {self.name} needs TokenBatch.{name}, which is None")
-            if value is not None and tuple(value.shape) != shape:
-                raise ValueError(f"TokenBatch.{name} has shape {tuple(value.shape)}, expected {shape} like mask")
-        for name in ("advantages", "group_id", "episode_id", "turn_idx"):
-            value = getattr(batch, name)
-            if tuple(value.shape) != shape[:1]:
-                raise ValueError(f"TokenBatch.{name} has shape {tuple(value.shape)}, expected ({shape[0]},)")
-        if self.needs_logits and with_logp:
-            if batch.logits is None:
-                raise ValueError(f"method {self.name} needs TokenBatch.logits (R, T, V), which is None")
-            if tuple(batch.logits.shape[:2]) != shape:
-                raise ValueError(f"TokenBatch.logits has shape {tuple(batch.logits.shape)}, expected {shape} + (V,)")
-        if self.needs_tokens and with_logp:
-            if batch.tokens is None:
-                raise ValueError(f"method {self.name} needs TokenBatch.tokens (sampled ids), which is None")
-            if tuple(batch.tokens.shape) != shape:
-                raise ValueError(f"TokenBatch.tokens has shape {tuple(batch.tokens.shape)}, expected {shape} like mask")
-
-    def prepare(self, batch: L.TokenBatch) -> StepContext:
-        """Everything that needs the whole step, detached. `batch.logp` is not used and may be None."""
+    def prepare(self, batch: L.TokenBatch, step: int | None = None) -> StepContext:
+        """Everything that needs the whole step, detached. `batch.logp` is not used and may be None. `step` is the
+        training step's index (default: the number of `end_step` calls so far)."""
         self._check(batch, with_logp=False)
-        lam, alpha = self.current_lam_alpha()
-        ctx = StepContext(
-            n_tokens=float(batch.mask.sum()), lam=lam, alpha=alpha, step=self.steps_done(), row_keys=row_keys(batch)
-        )
-        self._prepare(batch, ctx)
-        return ctx
+        step = self._steps_seen if step is None else int(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return self._context(batch, n_tokens=float(batch.mask.sum()), alpha=self.options.alpha, step=step,
+                             row_keys=row_keys(batch))
 
-    def steps_done(self) -> int:
-        return 0
+    def _context(self, batch: L.TokenBatch, **common: Any) -> StepContext:
+        """Hook: build this method's context from the full batch and the common fields."""
+        return StepContext(**common)
 
-    def _prepare(self, batch: L.TokenBatch, ctx: StepContext) -> None:
-        """Hook: fill method-specific step-wide quantities and metrics."""
+    # -- the loss terms: pure functions of (batch, ctx) --------------------------------------------------------------
 
     def token_advantages(self, batch: L.TokenBatch, ctx: StepContext) -> Tensor:
         """(R,) or (R, T) advantages used by the policy loss."""
@@ -248,3 +299,42 @@ class Method:
                 metrics[f"loss/{key}"] = float(L.token_mean(term.detach(), mask, n))
         return total, metrics
 
+    def _check(self, batch: L.TokenBatch, with_logp: bool) -> None:
+        if not isinstance(batch, L.TokenBatch):
+            raise TypeError(f"expected a TokenBatch, got {type(batch).__name__}")
+        shape = tuple(batch.mask.shape)
+        if batch.mask.dtype != torch.bool or len(shape) != 2:
+            raise ValueError(f"mask must be a 2-D bool tensor, got {batch.mask.dtype} of shape {shape}")
+        needs = self.needs
+        needed = {"old_logp": True, "logp": with_logp, "teacher_logp": needs.teacher is not None, "ref_logp": needs.reference}
+        for name, required in needed.items():
+            value = getattr(batch, name)
+            if required and value is None:
+                raise ValueError(f"method {self.name} needs TokenBatch.{name}, which is None")
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"TokenBatch.{name} has shape {tuple(value.shape)}, expected {shape} like mask")
+        for name in ("advantages", "group_id", "episode_id", "turn_idx"):
+            value = getattr(batch, name)
+            if tuple(value.shape) != shape[:1]:
+                raise ValueError(f"TokenBatch.{name} has shape {tuple(value.shape)}, expected ({shape[0]},)")
+        if needs.logits and with_logp:
+            if batch.logits is None:
+                raise ValueError(f"method {self.name} needs TokenBatch.logits (R, T, V), which is None")
+            if tuple(batch.logits.shape[:2]) != shape:
+                raise ValueError(f"TokenBatch.logits has shape {tuple(batch.logits.shape)}, expected {shape} + (V,)")
+        if needs.tokens and with_logp:
+            if batch.tokens is None:
+                raise ValueError(f"method {self.name} needs TokenBatch.tokens (sampled ids), which is None")
+            if tuple(batch.tokens.shape) != shape:
+                raise ValueError(f"TokenBatch.tokens has shape {tuple(batch.tokens.shape)}, expected {shape} like mask")
+
+
+class TeacherMethod(Method):
+    """A method whose loss reads the teacher's log-probs: the trainer scores x+ with the weights its `teacher`
+    option names."""
+
+    Options: ClassVar[type[CommonOptions]] = TeacherOptions
+
+    @property
+    def needs(self) -> Needs:
+        return dataclasses.replace(super().needs, teacher=self.options.teacher)

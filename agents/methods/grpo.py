@@ -1,9 +1,10 @@
 """GRPO: the clipped policy-gradient loss on group-normalised episode advantages, and nothing else.
-No teacher forward pass is requested (`needs_teacher` is False); the reference is scored only when α > 0."""
+No teacher forward pass is requested (`needs.teacher` is None); the reference is scored only when α > 0."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from craft_bench.agents.methods.base import CommonOptions, Method
 
@@ -17,5 +18,4 @@ class Grpo(Method):
     """agg(pg + α·k3) - h·agg(H)."""
 
     name = "grpo"
-    Options = GrpoOptions
-    needs_teacher = False
+    Options: ClassVar[type] = GrpoOptions

@@ -1,22 +1,22 @@
-"""SDAR ("self-distill") and GRPO+OPSD: GRPO plus the gated self-distillation term λ·g·(sg(lp_T) - lp).
+"""SDAR ("self-distill") and GRPO+OPSD: GRPO plus the gated self-distillation term λ·w·(sg(lp_T) - lp).
 SDAR gates each token with g = σ(βΔ); OPSD is the same term with β = 0, a constant gate of 0.5."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from craft_bench.agents import losses as L
-from craft_bench.agents.methods.base import CommonOptions, Method, StepContext, option
+from craft_bench.agents.methods.base import TEACHERS, StepContext, StepStats, TeacherMethod, TeacherOptions, option
 
-TEACHERS = ("old", "ref", "ema")
+__all__ = ["TEACHERS", "DistillContext", "Opsd", "OpsdOptions", "Sdar", "SdarOptions"]
 
 
 @dataclass
-class OpsdOptions(CommonOptions):
-    lam: float = option(0.01, "λ, weight of the distillation term")
-    teacher: str = option("old", "teacher weights: θ_old ('old'), the reference ('ref'), or an EMA of θ ('ema')", TEACHERS)
+class OpsdOptions(TeacherOptions):
+    lam: float = option(0.01, "λ, weight of the distillation term", minimum=0.0)
 
 
 @dataclass
@@ -24,12 +24,19 @@ class SdarOptions(OpsdOptions):
     beta: float = option(5.0, "β, sharpness of the gate g = σ(βΔ)")
 
 
-class Sdar(Method):
+@dataclass(kw_only=True)
+class DistillContext(StepContext):
+    """A gated-distillation step: the λ in force (the option, or Pillar 2's value)."""
+
+    lam: float
+    """λ in force this step."""
+
+
+class Sdar(TeacherMethod):
     """agg(pg + α·k3 + λ·w·(sg(lp_T) - lp)) - h·agg(H), with w = g = sg(σ(βΔ))."""
 
     name = "sdar"
-    Options = SdarOptions
-    needs_teacher = True
+    Options: ClassVar[type] = SdarOptions
 
     @property
     def beta(self) -> float:
@@ -39,30 +46,21 @@ class Sdar(Method):
         """(R, T) detached gate g = σ(βΔ)."""
         return L.sdar_gate(L.teacher_gap(batch.teacher_logp, batch.old_logp), self.beta)
 
-    def _prepare(self, batch: L.TokenBatch, ctx: StepContext) -> None:
-        gap = L.teacher_gap(batch.teacher_logp, batch.old_logp)
-        gate = L.sdar_gate(gap, self.beta)
-        ctx.metrics["sdar/gate_mean"] = float(L.token_mean(gate, batch.mask))
-        ctx.metrics["sdar/gate_activity"] = L.gate_activity(gate, batch.mask)
-        self._prepare_gated(batch, ctx, gap, gate)
-
-    def _prepare_gated(self, batch: L.TokenBatch, ctx: StepContext, gap: Tensor, gate: Tensor) -> None:
-        """Hook for subclasses that need the full step's gap Δ and gate g, both (R, T) and detached."""
-
-    def distill_weight(self, batch: L.TokenBatch, ctx: StepContext, gate: Tensor) -> Tensor:
-        """(R, T) detached weight of the distillation term: the gate itself."""
-        return gate
+    def _context(self, batch: L.TokenBatch, **common: Any) -> StepContext:
+        gate = self.gate(batch)
+        activity = L.gate_activity(gate, batch.mask)
+        metrics = {"sdar/gate_mean": float(L.token_mean(gate, batch.mask)), "sdar/gate_activity": activity}
+        return DistillContext(**common, lam=self.options.lam, stats=StepStats(gate_activity=activity), metrics=metrics)
 
     def extra_terms(self, batch: L.TokenBatch, ctx: StepContext) -> dict[str, Tensor]:
-        weight = self.distill_weight(batch, ctx, self.gate(batch))
-        return {"distill": L.distill_term(batch.logp, batch.teacher_logp, weight, ctx.lam)}
+        return {"distill": L.distill_term(batch.logp, batch.teacher_logp, self.gate(batch), ctx.lam)}
 
 
 class Opsd(Sdar):
     """SDAR's baseline GRPO+OPSD: the same distillation term with a constant gate σ(0) = 0.5."""
 
     name = "opsd"
-    Options = OpsdOptions
+    Options: ClassVar[type] = OpsdOptions
 
     @property
     def beta(self) -> float:

@@ -1,0 +1,68 @@
+"""Named settings of a training run (`--preset cpu|paper`): TrainConfig overrides plus each method's options.
+The one home of presets; `preset_values(name, method)` is what the CLI and any script should use.
+
+`paper` is SDAR's released ALFWorld configuration (built on verl-agent's ALFWorld GRPO script); docs/methods.md
+lists every remaining difference from SDAR's code.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+CPU_PRESET: dict[str, Any] = {"method_options": {"alpha": 0.01}}
+"""The embedded CPU setting: TrainConfig's defaults plus the reference KL (α = 0.01, as at paper scale) for every
+method, so that methods are compared under one regulariser and CRAFT's Pillars 2-3 have an α to act on."""
+
+PAPER_PRESET: dict[str, Any] = {
+    "tasks_per_step": 16,
+    "group_size": 8,
+    "max_turns": 50,
+    "history_turns": 2,
+    "temperature": 1.0,
+    "max_new_tokens": 512,
+    "lr": 1e-6,
+    "weight_decay": 0.01,
+    "grad_clip": 1.0,
+    "ppo_epochs": 1,
+    "mini_batch_rows": 2048,
+    "micro_batch_rows": 8,
+    "success_reward": 10.0,
+    "invalid_penalty": 0.1,
+    "eval_episodes": 128,
+    "method_options": {"alpha": 0.01, "h": 0.001},
+}
+"""SDAR / verl-agent's ALFWorld setting for real models on GPUs: 16 tasks x 8 siblings, 50 turns, history 2,
+lr 1e-6, reference KL α = 0.01 (k3, `low_var_kl`), entropy coefficient h = 0.001, returns 10 / -0.1, temperature 1.
+Updates per rollout: `ppo_mini_batch_size=256` prompts, which verl multiplies by the rollout count n = 8, so
+mini-batches of 2048 rows (turns), one epoch; `micro_batch_rows` is only the memory knob inside a mini-batch."""
+
+PAPER_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "rlsd": {"lam": 0.5, "warmdown_steps": 100},
+}
+"""Per-method options of the paper preset on top of PAPER_PRESET["method_options"]: RLSD's λ decays linearly from
+0.5 to 0 over SDAR's 100 warm-down steps. Every other method term stays at the spec's defaults (SDAR: λ = 0.01,
+β = 5; Skill-SD: c = 0.001, exp(-ℓ) capped at e^20 always; CRAFT's ours-marked choices)."""
+
+PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
+    "cpu": (CPU_PRESET, {}),
+    "paper": (PAPER_PRESET, PAPER_METHOD_OPTIONS),
+}
+PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
+
+
+def preset_values(name: str, method: str) -> dict[str, Any]:
+    """TrainConfig overrides of preset `name` for `method`, its `method_options` included (a fresh deep copy)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESET_NAMES)}")
+    common, per_method = PRESETS[name]
+    values = copy.deepcopy(common)
+    values["method_options"] = {**values.get("method_options", {}), **copy.deepcopy(per_method.get(method, {}))}
+    return values
+
+
+def paper_method_options(method: str) -> dict[str, Any]:
+    """Every option of `method` under the paper preset: its documented defaults with the preset's overrides."""
+    from craft_bench.agents.methods import method_defaults
+
+    return {**method_defaults(method), **preset_values("paper", method)["method_options"]}
