@@ -10,6 +10,8 @@ ENV_IDS: dict[str, str] = {
     "craft/TextWorld-v0": "craft_bench.envs.textworld_env:TextWorldEnv",
     "craft/ALFWorld-v0": "craft_bench.envs.alfworld_env:ALFWorldEnv",
     "craft/ALFWorldGen-v0": "craft_bench.envs.alfworld_env:ALFWorldGenEnv",
+    "craft/WebShop-v0": "craft_bench.envs.webshop:WebShopEnv",
+    "craft/WebShopGen-v0": "craft_bench.envs.webshop_gen:WebShopGenEnv",
     "craft/SearchQA-v0": "craft_bench.envs.searchqa:SearchQAEnv",
     "craft/SearchQAGen-v0": "craft_bench.envs.searchqa:SearchQAGenEnv",
 }
