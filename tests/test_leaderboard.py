@@ -99,7 +99,7 @@ def test_valid_rows_pass_as_dicts_and_as_csv_text():
         ([{**_row(), "method": "@SUM(A1)"}], "row 1", "method", "formula"),
         ([{**_row(), "split": "+cmd|' /C calc'!A0"}], "row 1", "split", "formula"),
         ([{**_row(), "return_mean": "-1+2"}], "row 1", "return_mean", "formula"),
-        ([_row(), _row(seed=1), _row()], "row 3", "env_id/split/method/method_config/model/seed/source",
+        ([_row(), _row(seed=1), _row()], "row 3", "env_id/split/method/method_config/model/policy_sha256/seed/source",
          "duplicate key"),
     ],
     ids=["unknown-column", "missing-column", "empty-cell", "nan", "rate-above-1", "negative-steps", "inf",

@@ -1,5 +1,5 @@
 """The leaderboard directory on disk: where submissions and learning curves live, and `submit` of a run into it.
-Writes are atomic (temp file + rename) and a submission never drops rows it does not explicitly replace."""
+A submit validates everything before it writes anything; writes are atomic (temp file + rename), never through links."""
 
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ from typing import Any
 import pandas as pd
 from filelock import FileLock
 
+from craft_bench.leaderboard import schema
 from craft_bench.leaderboard.schema import (
     KEY_COLUMNS,
     LEADERBOARD_SCHEMA,
     REFERENCE_SCHEMA,
     RUN_SOURCE,
+    UNKNOWN,
     LeaderboardValidationError,
     Problem,
+    cell_problem,
     config_id,
     read_table,
     validate_csv,
@@ -33,7 +36,14 @@ SUBMISSIONS = "submissions"
 REFERENCE = "reference"
 CURVES = "curves"
 PLOTS = "plots"
+#: Curve cells that mean "not logged at this step": empty (a metric that first appears mid-run) and Python's `nan`
+#: (a statistic not defined yet, e.g. a controller's EMA before its first update).
+CURVE_MISSING = ("", "nan")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class UnsafePathError(ValueError):
+    """A leaderboard file or folder is a symbolic link: reading or writing through it could reach any file."""
 
 
 def slug(text: str) -> str:
@@ -42,8 +52,12 @@ def slug(text: str) -> str:
 
 
 def entry_name(row: Mapping[str, Any]) -> str:
-    """The stable name of one leaderboard entry (env x method x configuration x model); seeds and splits share it."""
-    return "__".join([slug(row["env_id"]), slug(row["method"]), slug(row["model"]), config_id(row["method_config"])])
+    """The stable name of one leaderboard entry (env x method x model x configuration, and the initial weights'
+    hash when known); seeds and splits share it. Rows of unknown weights (schema 1) keep their schema-1 names."""
+    parts = [slug(row["env_id"]), slug(row["method"]), slug(row["model"]), config_id(row["method_config"])]
+    if row.get("policy_sha256", UNKNOWN) != UNKNOWN:
+        parts.append("p" + row["policy_sha256"][:8])
+    return "__".join(parts)
 
 
 def submission_path(root: Path, row: Mapping[str, Any]) -> Path:
@@ -54,31 +68,56 @@ def curve_path(root: Path, row: Mapping[str, Any]) -> Path:
     return root / CURVES / f"{entry_name(row)}__seed{int(row['seed'])}.csv"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def check_not_linked(root: Path, path: Path) -> None:
+    """Refuse when `root`, or any folder or file from `root` down to `path`, is a symbolic link.
+
+    A cloned repository can hold links (git stores them), so `leaderboard/LEADERBOARD.md -> ~/.bashrc` would make
+    `build` overwrite a file outside the leaderboard. Existing real files are fine; missing ones are created later.
+    """
+    relative = path.relative_to(root)
+    for depth in range(len(relative.parts) + 1):
+        current = root.joinpath(*relative.parts[:depth])
+        if current.is_symlink():
+            raise UnsafePathError(f"{current} is a symbolic link: the leaderboard reads and writes only real files and "
+                                  f"folders inside {root}; replace the link with the file or folder itself")
+
+
+def atomic_write_bytes(root: Path, path: Path, data: bytes) -> None:
+    """Write `data` to `path` under `root` through a temp file and a rename, refusing symbolic links on the way."""
+    check_not_linked(root, path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_not_linked(root, path)  # the folders exist now: check them as they are
     handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _atomic_write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+def _rows_text(rows: list[dict[str, Any]]) -> bytes:
+    handle, tmp = tempfile.mkstemp(suffix=".csv")
     os.close(handle)
     try:
         write_table(tmp, rows, LEADERBOARD_SCHEMA)
-        os.replace(tmp, path)
+        return Path(tmp).read_bytes()
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
+
+
+def _listed(root: Path, folder: str) -> list[Path]:
+    """The CSV files of root/folder, after refusing a linked root, folder or file."""
+    check_not_linked(root, root / folder)
+    paths = sorted((root / folder).glob("*.csv"))
+    for path in paths:
+        check_not_linked(root, path)
+    return paths
 
 
 def _submission_files(root: Path) -> dict[Path, list[dict[str, Any]]]:
-    return {p: validate_csv(p).to_dict("records") for p in sorted((root / SUBMISSIONS).glob("*.csv"))}
+    return {p: validate_csv(p).to_dict("records") for p in _listed(root, SUBMISSIONS)}
 
 
 def _check_across_files(files: dict[Path, list[dict[str, Any]]], root: Path) -> list[dict[str, Any]]:
@@ -103,19 +142,69 @@ def _check_across_files(files: dict[Path, list[dict[str, Any]]], root: Path) -> 
 
 def load_submissions(root: Path) -> pd.DataFrame:
     """Every measured row under root/submissions, validated file by file and then across files (keys unique,
-    source 'run' only); an empty frame with the leaderboard columns when there are none."""
+    source 'run' only), in schema-2 form; an empty frame with the leaderboard columns when there are none."""
     rows = _check_across_files(_submission_files(root), root)
     return pd.DataFrame(rows, columns=list(LEADERBOARD_SCHEMA.columns), dtype=str)
 
 
 def load_reference(root: Path) -> pd.DataFrame:
     """Every published row under root/reference, validated against the reference schema."""
-    paths = sorted((root / REFERENCE).glob("*.csv"))
-    frames = [validate_csv(p, REFERENCE_SCHEMA) for p in paths]
+    frames = [validate_csv(p, REFERENCE_SCHEMA) for p in _listed(root, REFERENCE)]
     if not frames:
         return pd.DataFrame(columns=list(REFERENCE_SCHEMA.columns), dtype=str)
     frame = pd.concat(frames, ignore_index=True)
     validate_rows(frame, REFERENCE_SCHEMA, origin=f"{root / REFERENCE} (all files together)")
+    return frame
+
+
+def _curve_cell_problem(value: str) -> str | None:
+    if value in CURVE_MISSING:
+        return None
+    if error := cell_problem(value):
+        return error
+    if value.lower().lstrip("+-") in ("inf", "infinity"):
+        return f"expected a finite number, got {value!r}"
+    return schema._number(value)[1]
+
+
+def validate_curve(frame: pd.DataFrame, origin: str) -> None:
+    """A learning curve (a run's metrics.csv, or a stored curve) under the rules of rows: header names and cells
+    neither formulas nor control characters nor over the cell limit; `step` (and `seed`, if present) canonical
+    integers, each (seed, step) once; every other cell a finite number, or empty / `nan` for "not logged"."""
+    header = [str(c) for c in frame.columns]
+    problems = [Problem(0, name[:80], error) for name in header if (error := cell_problem(name))]
+    problems += [Problem(0, name, "column appears more than once") for name in sorted({c for c in header
+                                                                                      if header.count(c) > 1})]
+    if "step" not in header:
+        problems.append(Problem(0, "step", "missing column: a learning curve needs each row's training step"))
+    if problems:
+        raise LeaderboardValidationError(problems, origin)
+    integers = {"step", "seed"}
+    seen: dict[tuple[str, str], int] = {}
+    for number, values in enumerate(frame.itertuples(index=False, name=None), start=1):
+        for name, value in zip(header, values):
+            if name in integers:
+                error = cell_problem(value) or schema._count(0)(value)
+            else:
+                error = _curve_cell_problem(value)
+            if error:
+                problems.append(Problem(number, name, error))
+        row = dict(zip(header, values))
+        at = (row.get("seed", ""), row["step"])
+        if at in seen:
+            of_seed = f" of seed {at[0]}" if "seed" in row else ""
+            problems.append(Problem(number, "step", f"step {row['step']}{of_seed} again (first in row {seen[at]})"))
+        seen.setdefault(at, number)
+        if len(problems) >= 50:  # enough to act on; a broken file would otherwise list every cell
+            break
+    if problems:
+        raise LeaderboardValidationError(problems, origin)
+
+
+def read_curve(path: Path) -> pd.DataFrame:
+    """A metrics.csv or stored curve, size-limited (MAX_CURVE_BYTES) and validated by `validate_curve`."""
+    frame = read_table(path, max_bytes=schema.MAX_CURVE_BYTES)
+    validate_curve(frame, str(path))
     return frame
 
 
@@ -150,17 +239,21 @@ def submit(run_dir: str | Path, root: str | Path = DEFAULT_ROOT, replace: bool =
     """Validate run_dir/result.csv and merge its rows into root/submissions/<entry>.csv; copy run_dir/metrics.csv
     per seed to root/curves/ for the learning-curve plots.
 
-    Rows whose key is already on the leaderboard are refused unless `replace`; then they, and only they, are
-    replaced. Every other existing row is kept. Concurrent submits to one leaderboard are serialised by a lock file,
-    so neither loses the other's rows.
+    Everything is checked before anything is written (rows, metrics, existing files, links), so a refused submit
+    leaves the leaderboard as it was and can simply be retried. Rows whose key is already on the leaderboard are
+    refused unless `replace`; then they, and only they, are replaced. Curves are written before rows, so a row on
+    the leaderboard always has its curve. Concurrent submits are serialised by a lock file.
     """
     run_dir, root = Path(run_dir), Path(root)
+    check_not_linked(root, root / SUBMIT_LOCK)
     root.mkdir(parents=True, exist_ok=True)
+    check_not_linked(root, root / SUBMIT_LOCK)
     with FileLock(str(root / SUBMIT_LOCK)):
         return _submit_locked(run_dir, root, replace)
 
 
 def _submit_locked(run_dir: Path, root: Path, replace: bool) -> SubmitReport:
+    # 1. Validate everything; write nothing.
     result = run_dir / "result.csv"
     if not result.is_file():
         raise FileNotFoundError(f"{result} not found: `submit` takes a run directory written by craft_bench.run")
@@ -183,36 +276,51 @@ def _submit_locked(run_dir: Path, root: Path, replace: bool) -> SubmitReport:
         path = submission_path(root, row)
         updated.setdefault(path, []).append(row)
         touched.add(path)
-    (root / SUBMISSIONS).mkdir(parents=True, exist_ok=True)
+    for path in sorted(touched):
+        validate_rows(updated[path], origin=str(path))
+        check_not_linked(root, path)
+    curves = _prepare_curves(run_dir, root, rows, replace, report)
+    for path in curves:
+        check_not_linked(root, path)
+
+    # 2. Write: curves first, then the rows that refer to them.
+    for path, data in sorted(curves.items()):
+        atomic_write_bytes(root, path, data)
+        report.curves.append(path)
     for path in sorted(touched):
         if updated[path]:
-            _atomic_write_rows(path, updated[path])
+            atomic_write_bytes(root, path, _rows_text(updated[path]))
             report.files.append(path)
         else:
             path.unlink()
-    _store_curves(run_dir, root, rows, replace, report)
     return report
 
 
-def _store_curves(run_dir: Path, root: Path, rows: list[dict[str, Any]], replace: bool, report: SubmitReport) -> None:
-    """Copy the run's per-step metrics, one file per seed; a run without metrics.csv (no training) has no curve."""
+def _prepare_curves(run_dir: Path, root: Path, rows: list[dict[str, Any]], replace: bool,
+                    report: SubmitReport) -> dict[Path, bytes]:
+    """The run's per-step metrics as one validated curve file per seed (path -> bytes), without writing them; a
+    run without metrics.csv (no training) has no curve."""
     metrics_path = run_dir / "metrics.csv"
     if not metrics_path.is_file():
         report.notes.append(f"{metrics_path} not found: no learning curve stored")
-        return
-    metrics = read_table(metrics_path)
-    if "step" not in metrics.columns:
-        raise ValueError(f"{metrics_path}: no 'step' column, so it cannot give a learning curve")
+        return {}
+    metrics = read_table(metrics_path, max_bytes=schema.MAX_CURVE_BYTES)
     entries = {curve_path(root, r): int(r["seed"]) for r in rows}
     seeds = sorted(set(entries.values()))
     if "seed" not in metrics.columns and len(seeds) > 1:
         raise ValueError(f"{metrics_path} has no 'seed' column but {run_dir / 'result.csv'} holds seeds {seeds}: "
                          "cannot tell their curves apart")
+    validate_curve(metrics, str(metrics_path))
+    curves = {}
     for path, seed in sorted(entries.items()):
         curve = metrics[metrics["seed"].astype(int) == seed] if "seed" in metrics.columns else metrics
-        text = curve.to_csv(index=False, lineterminator="\n")
-        if path.exists() and not replace and path.read_text(encoding="utf-8") != text:
+        data = curve.to_csv(index=False, lineterminator="\n").encode("utf-8")
+        if len(data) > schema.MAX_CURVE_BYTES:
+            raise ValueError(f"{metrics_path}: the curve of seed {seed} holds {len(data)} bytes, over the limit of "
+                             f"{schema.MAX_CURVE_BYTES}")
+        check_not_linked(root, path)
+        if path.exists() and not replace and path.read_bytes() != data:
             report.notes.append(f"{path} exists with a different curve: kept it (pass --replace to overwrite)")
             continue
-        _atomic_write_text(path, text)
-        report.curves.append(path)
+        curves[path] = data
+    return curves

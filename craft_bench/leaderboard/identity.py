@@ -1,0 +1,72 @@
+"""What a result is a result of: `run_config` (every setting that changes results, hashed by `config_id` into the
+one id of a run directory and its leaderboard entry) and `weights_sha256` (which initial weights a run started from)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from craft_bench.leaderboard.schema import BASE_METHOD, EVAL_TEMPERATURE, config_id
+
+__all__ = ["KEY_SETTINGS", "NEUTRAL_SETTINGS", "TRAINING_ONLY_SETTINGS", "config_id", "run_config", "weights_sha256"]
+
+#: TrainConfig fields that are leaderboard key columns of their own (env_id, method, model, split, seed), so they are
+#: not repeated inside method_config.
+KEY_SETTINGS: tuple[str, ...] = ("env_id", "method", "model", "eval_split", "seed")
+#: TrainConfig fields that do not change results, each with the reason. Every other field is recorded: a field
+#: added to TrainConfig later is assumed to change results until it is listed here.
+NEUTRAL_SETTINGS: dict[str, str] = {
+    "num_workers": "every random draw comes from (seed, step, task, sibling), not from the worker that plays it",
+    "device": "the same computation; a GPU differs from a CPU by float rounding only",
+    "checkpoint_every": "how often the state is saved; a resumed run equals an uninterrupted one",
+    "micro_batch_rows": "the loss is a token mean over the whole step; micro-batching changes float rounding only",
+    "method_options": "recorded resolved, as the method's full configuration (the method's own keys)",
+    EVAL_TEMPERATURE: "recorded once, at the top level of method_config, as the protocol requires",
+}
+#: Settings that only shape training; a `base` row (the untrained model) does not record them, so one base row
+#: stands beside every training configuration of its env x model.
+TRAINING_ONLY_SETTINGS: tuple[str, ...] = (
+    "train_split", "steps", "tasks_per_step", "group_size", "temperature", "top_p", "lr", "weight_decay",
+    "grad_clip", "success_reward", "invalid_penalty", "ema_decay",
+)
+
+
+def run_config(settings: Mapping[str, Any], method_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration a result row records as `method_config`, and `config_id` hashes into the run's id.
+
+    `settings` is the run's TrainConfig as a dict (`dataclasses.asdict`), `method_config` the method's resolved
+    options (`Method.config`; `{}` for `base`). The result holds the method's options, `eval_temperature`, and a
+    `"train"` object with every other trainer setting except the key settings (KEY_SETTINGS) and the neutral ones
+    (NEUTRAL_SETTINGS): lr, steps, B, G, turns, temperatures, rewards, the tiny-model budget, env kwargs, ...
+    For method `base`, TRAINING_ONLY_SETTINGS are left out too. Pure: equal inputs give equal dicts.
+    """
+    if EVAL_TEMPERATURE not in settings:
+        raise ValueError(f"settings must hold {EVAL_TEMPERATURE!r} (the TrainConfig as a dict)")
+    clash = sorted({"train", EVAL_TEMPERATURE} & set(method_config))
+    if clash:
+        raise ValueError(f"method options may not be named {clash}: those names hold the run's own settings")
+    skipped = set(KEY_SETTINGS) | set(NEUTRAL_SETTINGS)
+    if settings.get("method") == BASE_METHOD:
+        skipped |= set(TRAINING_ONLY_SETTINGS)
+    train = {name: value for name, value in settings.items() if name not in skipped}
+    return {**method_config, EVAL_TEMPERATURE: settings[EVAL_TEMPERATURE], "train": train}
+
+
+def weights_sha256(state_dict: Mapping[str, Any]) -> str:
+    """SHA-256 of a model's weights: for each tensor in name order, its name, dtype, shape and raw bytes.
+
+    Give it the policy's `state_dict()` before the first update (the row's `policy_sha256`): two runs share a base
+    model exactly when this hash is equal, whatever the file format or path the weights came from.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a tensor")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}\0{flat.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
