@@ -171,8 +171,9 @@ def _answers(value: Any, where: str) -> tuple[str, ...]:
 
 
 def load_jsonl_split(path: Path) -> list[QAItem]:
-    """FlashRAG rows: `question`, `golden_answers`, `data_source` (Search-R1's name for the dataset), optional `id`
-    and `metadata`. Task ids are `{data_source}/{id}` (id defaults to the row's number within its data source)."""
+    """FlashRAG rows: `question`, `golden_answers`, `data_source` (Search-R1's name for the dataset; FlashRAG's own
+    files lack it, so it defaults to the directory's name, as in FlashRAG's `nq/test.jsonl`), optional `id` and
+    `metadata`. Task ids are `{data_source}/{id}` (id defaults to the row's number within its data source)."""
     items = []
     per_source: dict[str, int] = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -182,7 +183,7 @@ def load_jsonl_split(path: Path) -> list[QAItem]:
         row = json.loads(line)
         if "question" not in row or "golden_answers" not in row:
             raise ValueError(f"{where}: a FlashRAG row needs 'question' and 'golden_answers', got {sorted(row)}")
-        dataset = str(row.get("data_source") or row.get("dataset") or "unknown")
+        dataset = str(row.get("data_source") or path.resolve().parent.name)
         index = per_source[dataset] = per_source.get(dataset, -1) + 1
         row_id = str(row.get("id", index))
         items.append(QAItem(f"{dataset}/{row_id}", str(row["question"]).strip(), _answers(row["golden_answers"], where),
@@ -258,8 +259,9 @@ class _SearchQABase(TextAgentEnv):
         self._items = {item.task_id: item for item in items}
         self._ids = sorted(self._items)
         corpus_file = Path(corpus_path).expanduser() if corpus_path is not None else data_dir / "corpus.jsonl"
-        is_server = isinstance(retriever, str) and retriever.startswith(("http://", "https://"))
-        if not is_server and not corpus_file.is_file():
+        # Only the local retrievers read the corpus: a server has its own, a Retriever instance brings its own.
+        needs_corpus = isinstance(retriever, str) and not retriever.startswith(("http://", "https://"))
+        if needs_corpus and not corpus_file.is_file():
             raise FileNotFoundError(MISSING_DATA_HINT.format(reason=f"corpus file {corpus_file} does not exist"))
         self.corpus = Corpus(corpus_file) if corpus_file.is_file() else None
         self.retriever = make_retriever(retriever, self.corpus)

@@ -154,6 +154,22 @@ def test_parquet_question_is_recovered_from_the_prompt() -> None:
         question_from_prompt([{"role": "user", "content": "no marker here"}], "row 3")
 
 
+def test_flashrag_rows_without_data_source_take_the_directory_name(official_root: Path, tmp_path: Path) -> None:
+    nq = tmp_path / "nq"
+    nq.mkdir()
+    (nq / "corpus.jsonl").write_bytes((official_root / "corpus.jsonl").read_bytes())
+    rows = [{"id": "test_0", "question": "who is it?", "golden_answers": ["Him", "He"], "metadata": {}},
+            {"question": "where is it?", "golden_answers": ["There"]}]
+    (nq / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = gym.make("craft/SearchQA-v0", data_dir=nq, split="test").unwrapped
+    assert env.task_ids == ["nq/1", "nq/test_0"]
+    _, info = env.reset(options={"task_id": "nq/test_0"})
+    assert (info["dataset"], info["task_type"], info["goal"]) == ("nq", "nq", "who is it?")
+    assert info["privileged"]["answers"] == ["Him", "He"]
+    assert info["privileged"]["strategy"] == STRATEGIES["single_hop"]
+    assert env.step("answer[he]")[1] == 1.0
+
+
 def test_both_formats_present_must_be_chosen(official_root: Path) -> None:
     with pytest.raises(ValueError, match="data_format"):
         gym.make("craft/SearchQA-v0", data_dir=official_root, split="test")
