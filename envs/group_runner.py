@@ -19,18 +19,34 @@ Design notes.
 4. A dead worker (pipe EOF or process exit) is restarted, its active slots are replayed from their action
    histories (reset with the same task and seed, then the recorded actions), and the interrupted request is sent
    again. Engines are deterministic given (task, seed, actions), so the result equals an uninterrupted run.
-5. The transport lives behind `WorkerPool`, so a Ray pool can replace `LocalProcessPool` without touching the
-   lockstep, masking and replay logic of `GroupRunner`.
+5. The transport lives behind `WorkerPool`, so a Ray pool (`craft_bench.envs.ray_pool.RayPool`) can replace
+   `LocalProcessPool` without touching the lockstep, masking and replay logic of `GroupRunner`.
+6. Hangs. Every env call (a reset, a step, or one action of a replay) must finish within `timeout_s`
+   (`DEFAULT_TIMEOUT_S`); workers count their finished calls in shared memory, so a long request of many quick
+   calls never times out while one stuck call does, and the runner knows which call hung. A worker that misses the
+   timeout (stopped by SIGSTOP, or an engine stuck in a loop) is killed, restarted and replayed like a dead one;
+   the call it hung on gets one more try, and a second timeout of the same call raises `EnvTimeoutError` naming the
+   task, or with `on_timeout="truncate"` ends that episode as truncated (`info["timed_out"] = True`). Nothing is
+   retried forever.
+7. Lifetime. Workers exit when the runner closes, when it is garbage collected or the interpreter exits, and when
+   the main process dies, even by SIGKILL and even while stopped or stuck (`die_with_main_process`). Closing the
+   last local pool of a process stops the forkserver too.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import select
+import signal
+import sys
+import threading
 import time
 import traceback
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -40,6 +56,18 @@ import numpy as np
 
 #: A worker that dies this many times in a row on the same request is considered broken, not unlucky.
 MAX_CONSECUTIVE_RESTARTS = 3
+#: Seconds one env call (reset, step, or one action of a replay) may take before its worker counts as hung. The
+#: slowest legitimate call measured here is an ALFWorldGen reset that generates its game on first use (about 2 s
+#: alone, see the README), and TextWorld's first reset of a game compiles it (0.5-3 s); 60 s leaves a 20x margin for
+#: a loaded machine, and still ends a hang within a minute.
+DEFAULT_TIMEOUT_S = 60.0
+#: A worker that has not finished starting (imports, first env construction excluded) after this many seconds, or
+#: `timeout_s` if larger, counts as hung: start-up is not an env call and takes seconds on a loaded machine.
+STARTUP_TIMEOUT_S = 120.0
+#: How often a worker's watchdog thread wakes (it is woken at once by a hang-up of the main process's pipe).
+PARENT_POLL_S = 1.0
+#: What the runner does with an episode whose call timed out a second time: raise, or end it as truncated.
+ON_TIMEOUT_CHOICES = ("error", "truncate")
 
 
 @dataclass(frozen=True)
@@ -78,14 +106,41 @@ class WorkerCrashError(RuntimeError):
     """A worker kept dying on the same request even after restarts."""
 
 
+class EnvTimeoutError(RuntimeError):
+    """An env call missed the runner's timeout twice, on a fresh worker the second time; the message names the env,
+    the task, the slot and the call."""
+
+
+@dataclass(frozen=True)
+class WorkerLost:
+    """Why a worker gave no reply to a request: it died, or it missed the timeout and was killed. Either way the pool
+    has already replaced it by a fresh worker holding no environments."""
+
+    cause: str
+    timed_out: bool = False
+    #: Env calls of the request that had finished when the worker was lost, which names the call that hung
+    #: (None when unknown).
+    calls_done: int | None = None
+
+
 # ---------------------------------------------------------------------------------------------- worker protocol
 # A request is (kind, commands); the reply is (results, cpu_seconds): one (ok, payload) per command, in order, and
 # the worker's CPU time spent on the request (for `RunnerStats`).
 #   kind "reset":  commands = [(slot, task_id, seed)]; the worker first releases every slot it held.
 #   kind "replay": commands = [(slot, task_id, seed, actions)]; reset then replay; payload = the last observation.
 #   kind "step":   commands = [(slot, action)]; payload = (obs, reward, terminated, truncated, info).
+# Env calls: a reset or step command is one call, a replay command 1 + len(actions); a worker counts the calls it
+# finished (`_EnvHost.on_call`), which is how the runner tells a slow request from a stuck call.
 Request = tuple[str, list[tuple]]
 Reply = tuple[list[tuple[bool, Any]], float]
+
+
+def request_calls(request: Request) -> list[int]:
+    """The slot of every env call of `request`, in the order the worker makes them."""
+    kind, commands = request
+    if kind == "replay":
+        return [command[0] for command in commands for _ in range(1 + len(command[3]))]
+    return [command[0] for command in commands]
 
 
 class _EnvHost:
@@ -93,9 +148,15 @@ class _EnvHost:
     re-initialises an env fully, so any free env can play any slot; a free env that last played the slot's task
     is preferred, because engines such as TextWorld's reload their game file when the task changes."""
 
-    def __init__(self, spec: gym.envs.registration.EnvSpec, env_kwargs: dict[str, Any]):
+    def __init__(
+        self,
+        spec: gym.envs.registration.EnvSpec,
+        env_kwargs: dict[str, Any],
+        on_call: Callable[[], None] = lambda: None,
+    ):
         self._spec = spec
         self._env_kwargs = env_kwargs
+        self._on_call = on_call  # told after every env call, finished or failed (see `request_calls`)
         self._free: list[tuple[str, gym.Env]] = []
         self._slots: dict[int, tuple[str, gym.Env]] = {}
 
@@ -114,13 +175,19 @@ class _EnvHost:
         else:
             env = gym.make(self._spec, disable_env_checker=True, **self._env_kwargs)
         self._slots[slot] = (task_id, env)
-        return env.reset(seed=seed, options={"task_id": task_id})
+        try:
+            return env.reset(seed=seed, options={"task_id": task_id})
+        finally:
+            self._on_call()
 
     def step(self, slot: int, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
-        if slot not in self._slots:
-            raise RuntimeError(f"slot {slot} was never reset in this worker")
-        obs, reward, terminated, truncated, info = self._slots[slot][1].step(action)
-        return obs, float(reward), bool(terminated), bool(truncated), info
+        try:
+            if slot not in self._slots:
+                raise RuntimeError(f"slot {slot} was never reset in this worker")
+            obs, reward, terminated, truncated, info = self._slots[slot][1].step(action)
+            return obs, float(reward), bool(terminated), bool(truncated), info
+        finally:
+            self._on_call()
 
     def replay(self, slot: int, task_id: str, seed: int, actions: Sequence[str]) -> str:
         """Rebuild an episode; returns its last observation, which the runner checks against the one it kept."""
@@ -151,11 +218,64 @@ class _EnvHost:
         self._free.clear()
 
 
-def _worker_main(conn: Connection, spec: gym.envs.registration.EnvSpec, env_kwargs: dict[str, Any]) -> None:
-    """Serve requests until the pipe closes or a None request arrives."""
+def die_with_main_process(conn: Connection) -> None:
+    """Make this worker exit when the main process dies, even by SIGKILL, even while stopped or stuck.
+
+    Three links, because each covers a case the others miss:
+    1. A watchdog thread polls the worker's pipe for a hang-up, which happens when the main process, the pipe's
+       only other holder, is gone; it then exits. It cannot run while the worker is stopped or holds the GIL in C.
+    2. On Linux the kernel sends SIGKILL when the worker's parent exits (PR_SET_PDEATHSIG), which ends even a
+       stopped or stuck process. A forkserver worker's parent is the forkserver, hence:
+    3. The worker closes its copy of the forkserver's "alive" pipe, which multiprocessing hands to every child: the
+       forkserver exits when all holders are gone, so without this it would wait for its workers while they wait
+       for it.
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if alive_fd is not None:  # this worker's copy only: it never starts processes of its own
+        try:
+            os.close(alive_fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl (an unusual libc): the watchdog still works
+            pass
+        if os.getppid() != parent:  # the parent died before the death signal was armed
+            os._exit(1)
+
+    hang_up = select.POLLHUP | getattr(select, "POLLRDHUP", 0)
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(conn.fileno(), hang_up)
+        while True:
+            for _, events in poller.poll(PARENT_POLL_S * 1000):
+                if events & hang_up:
+                    os._exit(1)
+
+    threading.Thread(target=watch, name="craft-bench-main-process-watchdog", daemon=True).start()
+
+
+def _worker_main(
+    conn: Connection, spec: gym.envs.registration.EnvSpec, env_kwargs: dict[str, Any], counters: Any
+) -> None:
+    """Serve requests until the pipe closes or a None request arrives. `counters` is shared memory: [started (0/1),
+    env calls finished in the current request], read by the main process to tell a hung worker from a busy one."""
+    die_with_main_process(conn)
     import craft_bench  # noqa: F401  (registers the craft/* ids in this process)
 
-    host = _EnvHost(spec, env_kwargs)
+    def count_call() -> None:
+        counters[1] += 1
+
+    host = _EnvHost(spec, env_kwargs, on_call=count_call)
+    counters[0] = 1
     while True:
         try:
             request = conn.recv()
@@ -175,18 +295,19 @@ def _worker_main(conn: Connection, spec: gym.envs.registration.EnvSpec, env_kwar
 
 # ---------------------------------------------------------------------------------------------- worker pools
 class WorkerPool(ABC):
-    """Runs batches of env commands on `num_workers` workers. Backend-specific: local processes, Ray actors."""
+    """Runs batches of env commands on `num_workers` workers. Backend-specific: local processes, Ray actors.
+
+    `timeout_s` (None: no limit) bounds every env call of a request; a pool that cannot see single calls may bound a
+    request by `timeout_s` times its number of calls instead (documented by the pool).
+    """
 
     num_workers: int
+    timeout_s: float | None = None
 
     @abstractmethod
-    def call(self, requests: dict[int, Request]) -> dict[int, Reply | None]:
-        """Send each worker its request and gather every reply; a worker that died answers None and has already
-        been replaced by a fresh worker holding no environments."""
-
-    def death_cause(self, worker: int) -> str:
-        """How the worker's last incarnation ended, for error messages."""
-        return "unknown cause"
+    def call(self, requests: dict[int, Request]) -> dict[int, Reply | WorkerLost]:
+        """Send each worker its request and gather every reply; a worker that died or missed the timeout answers a
+        `WorkerLost` and has already been replaced by a fresh worker holding no environments."""
 
     @abstractmethod
     def close(self) -> None:
@@ -195,15 +316,16 @@ class WorkerPool(ABC):
 
 class InProcessPool(WorkerPool):
     """One "worker" that is the calling process itself: no processes, no pickling. For debugging (breakpoints reach
-    the env), and as the baseline that shows what worker processes cost."""
+    the env), and as the baseline that shows what worker processes cost. It has no timeout: nothing can interrupt a
+    call of this very process."""
 
     num_workers = 1
 
     def __init__(self, spec: gym.envs.registration.EnvSpec, env_kwargs: dict[str, Any]):
         self._host = _EnvHost(spec, env_kwargs)
 
-    def call(self, requests: dict[int, Request]) -> dict[int, Reply | None]:
-        replies: dict[int, Reply | None] = {}
+    def call(self, requests: dict[int, Request]) -> dict[int, Reply | WorkerLost]:
+        replies: dict[int, Reply | WorkerLost] = {}
         for worker, request in requests.items():
             cpu_start = time.process_time()
             replies[worker] = (self._host.serve(request), time.process_time() - cpu_start)
@@ -213,10 +335,39 @@ class InProcessPool(WorkerPool):
         self._host.close()
 
 
+#: Local pools open in this process; closing the last one stops the forkserver (see `_stop_forkserver`).
+_OPEN_LOCAL_POOLS: weakref.WeakSet[LocalProcessPool] = weakref.WeakSet()
+
+
+def _kill_processes(processes: list[mp.process.BaseProcess | None]) -> None:
+    """SIGKILL and reap: the only signal a stopped (SIGSTOP) or stuck process obeys at once."""
+    for process in processes:
+        if process is not None and process.pid is not None:
+            if process.exitcode is None:
+                try:
+                    os.kill(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.join(timeout=5)
+
+
+def _stop_forkserver() -> None:
+    """Stop this process's forkserver (it is restarted on demand by the next forkserver process start)."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    stop = getattr(server, "_stop", None)
+    if stop is not None and getattr(server, "_forkserver_pid", None) is not None:
+        stop()
+
+
 class LocalProcessPool(WorkerPool):
     """Worker processes on this machine, one pipe each. The default start method is forkserver: safe when the
     main process runs torch threads, and a restart forks from a small clean server instead of a fresh interpreter.
-    As with spawn, a script that makes a runner must guard its entry with `if __name__ == "__main__":`."""
+    As with spawn, a script that makes a runner must guard its entry with `if __name__ == "__main__":`.
+
+    `timeout_s` bounds every single env call (workers count finished calls in shared memory); None waits forever.
+    """
 
     def __init__(
         self,
@@ -224,16 +375,25 @@ class LocalProcessPool(WorkerPool):
         env_kwargs: dict[str, Any],
         num_workers: int,
         start_method: str = "forkserver",
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
+        self.timeout_s = timeout_s
         self._spec = spec
         self._env_kwargs = env_kwargs
+        self._start_method = start_method
         self._context = mp.get_context(start_method)
         self._processes: list[mp.process.BaseProcess | None] = [None] * num_workers
         self._conns: list[Connection | None] = [None] * num_workers
-        self._exitcodes: dict[int, int | None] = {}
+        self._counters: list[Any] = [None] * num_workers
+        self._causes: dict[int, str] = {}
+        # Kills the workers if the pool is garbage collected or the interpreter exits unclosed: multiprocessing's
+        # own exit handler only sends SIGTERM to daemon workers, which a stopped worker never acts on, and then
+        # waits for it forever.
+        self._finalizer = weakref.finalize(self, _kill_processes, self._processes)
+        _OPEN_LOCAL_POOLS.add(self)
         for worker in range(num_workers):
             self._start(worker)
 
@@ -244,9 +404,10 @@ class LocalProcessPool(WorkerPool):
 
     def _start(self, worker: int) -> None:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
+        counters = self._context.RawArray("q", 2)
         process = self._context.Process(
             target=_worker_main,
-            args=(child_conn, self._spec, self._env_kwargs),
+            args=(child_conn, self._spec, self._env_kwargs, counters),
             name=f"craft-bench-env-worker-{worker}",
             daemon=True,
         )
@@ -254,6 +415,7 @@ class LocalProcessPool(WorkerPool):
         child_conn.close()
         self._processes[worker] = process
         self._conns[worker] = parent_conn
+        self._counters[worker] = counters
 
     def _restart(self, worker: int) -> None:
         process, conn = self._processes[worker], self._conns[worker]
@@ -263,30 +425,36 @@ class LocalProcessPool(WorkerPool):
             if process.is_alive():
                 process.kill()
             process.join()
-            self._exitcodes[worker] = process.exitcode
         self._start(worker)
 
-    def death_cause(self, worker: int) -> str:
-        code = self._exitcodes.get(worker)
+    @staticmethod
+    def _describe_exit(process: mp.process.BaseProcess) -> str:
+        process.join(timeout=5)
+        code = process.exitcode
         if code is None:
-            return "unknown cause"
+            return "pipe closed, process still running"
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
-    def call(self, requests: dict[int, Request]) -> dict[int, Reply | None]:
-        replies: dict[int, Reply | None] = {}
+    def call(self, requests: dict[int, Request]) -> dict[int, Reply | WorkerLost]:
+        replies: dict[int, Reply | WorkerLost] = {}
         waiting: dict[Any, int] = {}
+        # worker -> (started, calls done, when either last changed): a worker is hung when neither moves for the
+        # timeout (or, before it has started, the start-up timeout).
+        progress: dict[int, tuple[int, int, float]] = {}
         for worker, request in requests.items():
-            conn = self._conns[worker]
-            assert conn is not None
+            conn, counters = self._conns[worker], self._counters[worker]
+            assert conn is not None and counters is not None
+            counters[1] = 0
             try:
                 conn.send(request)
             except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
-                replies[worker] = None
+                replies[worker] = WorkerLost(self._describe_exit(self._processes[worker]), calls_done=0)
                 continue
             waiting[conn] = worker
             waiting[self._processes[worker].sentinel] = worker
+            progress[worker] = (counters[0], 0, time.monotonic())
         while waiting:
-            for ready in wait(list(waiting)):
+            for ready in wait(list(waiting), self._wait_seconds(progress, set(waiting.values()))):
                 worker = waiting.get(ready)
                 if worker is None or worker in replies:
                     continue
@@ -295,15 +463,60 @@ class LocalProcessPool(WorkerPool):
                     try:
                         replies[worker] = conn.recv()
                     except (EOFError, ConnectionResetError, OSError):
-                        replies[worker] = None
+                        replies[worker] = WorkerLost(
+                            self._describe_exit(self._processes[worker]), calls_done=self._counters[worker][1]
+                        )
                 else:  # the process exited without a reply pending in the pipe
-                    replies[worker] = None
+                    replies[worker] = WorkerLost(
+                        self._describe_exit(self._processes[worker]), calls_done=self._counters[worker][1]
+                    )
                 waiting.pop(conn, None)
                 waiting.pop(self._processes[worker].sentinel, None)
+            for worker in self._hung(progress, set(waiting.values())):
+                replies[worker] = self._kill_hung(worker)
+                waiting.pop(self._conns[worker], None)
+                waiting.pop(self._processes[worker].sentinel, None)
         for worker, reply in replies.items():
-            if reply is None:
+            if isinstance(reply, WorkerLost):
                 self._restart(worker)
         return replies
+
+    def _limit(self, started: int) -> float:
+        assert self.timeout_s is not None
+        return self.timeout_s if started else max(self.timeout_s, STARTUP_TIMEOUT_S)
+
+    def _wait_seconds(self, progress: dict[int, tuple[int, int, float]], workers: set[int]) -> float | None:
+        """How long `wait` may block: until the earliest deadline among the workers still owing a reply, and no
+        longer than `timeout_s` (a worker still starting has a longer limit, but the start ends its grace)."""
+        if self.timeout_s is None or not workers:
+            return None
+        deadline = min(progress[worker][2] + self.timeout_s for worker in workers)
+        return max(deadline - time.monotonic(), 0.0) + 0.01
+
+    def _hung(self, progress: dict[int, tuple[int, int, float]], workers: set[int]) -> list[int]:
+        """Workers that finished no call (and did not start) for longer than the limit; refreshes the others."""
+        if self.timeout_s is None:
+            return []
+        now, hung = time.monotonic(), []
+        for worker in sorted(workers):
+            counters = self._counters[worker]
+            started, calls, since = progress[worker]
+            if (counters[0], counters[1]) != (started, calls):
+                progress[worker] = (counters[0], counters[1], now)
+            elif now - since > self._limit(started) and not self._conns[worker].poll():
+                hung.append(worker)
+        return hung
+
+    def _kill_hung(self, worker: int) -> WorkerLost:
+        process, counters = self._processes[worker], self._counters[worker]
+        started, calls = counters[0], counters[1]
+        process.kill()
+        process.join()
+        what = f"missed the {self.timeout_s:g} s timeout" if started else (
+            f"did not start within {self._limit(0):g} s"
+        )
+        return WorkerLost(f"{what} (stopped, or stuck in a call) and was killed", timed_out=True,
+                          calls_done=calls if started else None)
 
     def close(self) -> None:
         for conn in self._conns:
@@ -312,17 +525,20 @@ class LocalProcessPool(WorkerPool):
                     conn.send(None)
                 except (BrokenPipeError, ConnectionResetError, OSError):
                     pass
-        for worker, process in enumerate(self._processes):
+        deadline = time.monotonic() + 5
+        for process in self._processes:
             if process is not None:
-                process.join(timeout=5)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
-            conn = self._conns[worker]
+                # An idle worker exits at once; a stopped or stuck one never reads the None and is killed.
+                process.join(timeout=max(deadline - time.monotonic(), 0.0))
+        _kill_processes(self._processes)
+        for worker, conn in enumerate(self._conns):
             if conn is not None:
                 conn.close()
-        self._processes = [None] * self.num_workers
-        self._conns = [None] * self.num_workers
+            self._processes[worker] = None
+            self._conns[worker] = None
+        _OPEN_LOCAL_POOLS.discard(self)
+        if self._start_method == "forkserver" and not _OPEN_LOCAL_POOLS:
+            _stop_forkserver()
 
 
 # ---------------------------------------------------------------------------------------------- the runner
@@ -339,8 +555,22 @@ class GroupRunner:
     obs, infos = runner.reset(task_ids, group_size=4)      # lists of length B*G; slot b*G+g plays task_ids[b]
     steps = runner.step(actions)                            # None for slots already finished (action must be None)
 
-    `num_workers`: None for one worker process per core, 0 to run the envs in this process (no worker processes:
-    for debugging, and as a baseline), or a count. `pool` replaces the local backend (e.g. Ray actors).
+    Args:
+        env_id, env_kwargs: what every worker makes (`gym.make(env_id, **env_kwargs)`).
+        num_workers: workers; None for one per core (for Ray: one per `ray_cpus_per_worker` CPUs of the cluster).
+            0 means `pool="inprocess"`.
+        start_method: multiprocessing start method of the local pool.
+        pool: `"local"` (worker processes on this machine, the default), `"inprocess"` (the envs run in this
+            process: for debugging, and as a baseline), `"ray"` (one Ray actor per worker, see
+            `craft_bench.envs.ray_pool`), or a `WorkerPool` instance.
+        timeout_s: seconds one env call (reset, step, one replayed action) may take before its worker is killed,
+            restarted and replayed (default `DEFAULT_TIMEOUT_S`); None waits forever. Not applied in process.
+        on_timeout: when the same call times out a second time: `"error"` raises `EnvTimeoutError` naming the task;
+            `"truncate"` ends that episode as truncated at its last observation, with `info["timed_out"] = True`
+            (steps only: a reset or replay that hangs twice is always an error).
+        ray_address: for `pool="ray"`: None starts (or joins the already started) local Ray, `"auto"` joins a running
+            cluster, `"ray://host:10001"` connects a Ray client.
+        ray_cpus_per_worker: for `pool="ray"`: CPUs reserved by each env actor (fractions allowed).
     """
 
     def __init__(
@@ -349,25 +579,39 @@ class GroupRunner:
         env_kwargs: dict[str, Any] | None = None,
         num_workers: int | None = None,
         start_method: str = "forkserver",
-        pool: WorkerPool | None = None,
+        pool: WorkerPool | str | None = None,
+        *,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        on_timeout: str = "error",
+        ray_address: str | None = None,
+        ray_cpus_per_worker: float = 1.0,
     ):
         import craft_bench  # noqa: F401  (registers the craft/* ids before the spec lookup)
 
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not timeout_s > 0):
+            raise ValueError(f"timeout_s must be a number of seconds > 0, or None for no limit; got {timeout_s!r}")
+        if on_timeout not in ON_TIMEOUT_CHOICES:
+            raise ValueError(f"on_timeout must be one of {ON_TIMEOUT_CHOICES}, got {on_timeout!r}")
+        if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)):
+            raise TypeError(f"num_workers must be an int or None, got {type(num_workers).__name__}: {num_workers!r}")
         # Resolving the spec here fails fast on an unknown id, and lets workers make ids registered only in this
         # process (e.g. by tests), provided the entry point is an importable string.
         self.env_id = env_id
         self.env_kwargs = dict(env_kwargs or {})
+        self.timeout_s = None if timeout_s is None else float(timeout_s)
+        self.on_timeout = on_timeout
         spec = gym.spec(env_id)
         if not isinstance(spec.entry_point, str):
             raise ValueError(
                 f"{env_id}: its entry point must be an importable 'module:Class' string so that worker processes "
                 f"can build it, got {spec.entry_point!r}"
             )
-        if pool is None and num_workers == 0:
-            pool = InProcessPool(spec, self.env_kwargs)
-        elif pool is None:
-            workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-            pool = LocalProcessPool(spec, self.env_kwargs, workers, start_method)
+        if pool is None:
+            pool = "inprocess" if num_workers == 0 else "local"
+        if isinstance(pool, str):
+            pool = self._make_pool(pool, spec, num_workers, start_method, ray_address, ray_cpus_per_worker)
+        elif not isinstance(pool, WorkerPool):
+            raise TypeError(f"pool must be 'local', 'inprocess', 'ray' or a WorkerPool, got {pool!r}")
         self._pool = pool
         self.num_workers = pool.num_workers
         self.group_size = 0
@@ -382,9 +626,31 @@ class GroupRunner:
         self.last_obs: list[str] = []
         self.last_infos: list[dict[str, Any]] = []
         self.restarts = 0
+        #: Workers killed because a call missed the timeout (also counted in `restarts`).
+        self.timeouts = 0
         self.stats = RunnerStats()
         self._worker_of: list[int] = []
         self._needs_reset = True
+        # slot -> timeouts of its pending call (cleared when the slot's call succeeds): the second one is final.
+        self._strikes: dict[int, int] = {}
+
+    def _make_pool(
+        self, kind: str, spec: gym.envs.registration.EnvSpec, num_workers: int | None, start_method: str,
+        ray_address: str | None, ray_cpus_per_worker: float,
+    ) -> WorkerPool:
+        if kind == "inprocess":
+            if num_workers not in (None, 0, 1):
+                raise ValueError(f"pool='inprocess' runs one env host in this process; num_workers={num_workers}")
+            return InProcessPool(spec, self.env_kwargs)
+        if kind == "local":
+            workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+            return LocalProcessPool(spec, self.env_kwargs, workers, start_method, timeout_s=self.timeout_s)
+        if kind == "ray":
+            from craft_bench.envs.ray_pool import RayPool
+
+            return RayPool(spec, self.env_kwargs, num_workers, address=ray_address,
+                           cpus_per_worker=ray_cpus_per_worker, timeout_s=self.timeout_s)
+        raise ValueError(f"unknown pool {kind!r}; valid: 'local', 'inprocess', 'ray', or a WorkerPool instance")
 
     # ------------------------------------------------------------------ public API
     def reset(
@@ -412,6 +678,7 @@ class GroupRunner:
         self.active = [True] * self.num_slots
         self._worker_of = [slot % self.num_workers for slot in range(self.num_slots)]
         self._needs_reset = True
+        self._strikes.clear()
 
         requests = {
             worker: (
@@ -462,8 +729,13 @@ class GroupRunner:
 
     @property
     def worker_pids(self) -> list[int]:
-        """Process ids of the local workers (empty for pools without local processes)."""
+        """Process ids of the workers (empty in process; Ray actors' pids when they run on this machine)."""
         return list(getattr(self._pool, "pids", []))
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The worker pool (`LocalProcessPool`, `InProcessPool`, `RayPool`, or the one given)."""
+        return self._pool
 
     def close(self) -> None:
         self._pool.close()
@@ -482,36 +754,82 @@ class GroupRunner:
         return by_worker
 
     def _call(self, requests: dict[int, Request]) -> dict[int, Any]:
-        """Run the requests, restarting and replaying dead workers; returns payload per slot, or raises the first
+        """Run the requests, restarting and replaying lost workers; returns payload per slot, or raises the first
         environment error naming its task."""
         payloads: dict[int, Any] = {}
         pending = dict(requests)
         deaths = {worker: 0 for worker in requests}
         while pending:
             replies = self._pool.call(pending)
-            dead = [worker for worker, reply in replies.items() if reply is None]
-            cpu_seconds = [reply[1] for reply in replies.values() if reply is not None]
+            cpu_seconds = [reply[1] for reply in replies.values() if not isinstance(reply, WorkerLost)]
             self.stats.round_trips += 1
             self.stats.worker_cpu_s += sum(cpu_seconds)
             self.stats.critical_cpu_s += max(cpu_seconds, default=0.0)
+            lost = {worker: reply for worker, reply in replies.items() if isinstance(reply, WorkerLost)}
             for worker, reply in replies.items():
-                if reply is not None:
-                    payloads.update(self._unpack(pending[worker], reply[0]))
+                if not isinstance(reply, WorkerLost):
+                    done = self._unpack(pending[worker], reply[0])
+                    payloads.update(done)
+                    if pending[worker][0] != "replay":  # a replay succeeding says nothing of the call that hung
+                        for slot in done:
+                            self._strikes.pop(slot, None)
                     del pending[worker]
-            for worker in dead:
+            for worker, loss in lost.items():
                 self.restarts += 1
-                deaths[worker] += 1
-                if deaths[worker] >= MAX_CONSECUTIVE_RESTARTS:
-                    self._needs_reset = True
-                    tasks = sorted({self.task_ids[command[0]] for command in pending[worker][1]})
-                    raise WorkerCrashError(
-                        f"{self.env_id}: worker {worker} died {deaths[worker]} times in a row on the same request "
-                        f"({self._pool.death_cause(worker)}; tasks {tasks}): the engine crashes the process on one "
-                        "of these tasks, or the worker cannot start (e.g. the env's entry point does not import)"
-                    )
-                if pending[worker][0] == "step":
+                request = pending[worker]
+                culprit = self._culprit(request, loss)
+                if culprit is None:
+                    deaths[worker] += 1
+                    if deaths[worker] >= MAX_CONSECUTIVE_RESTARTS:
+                        self._needs_reset = True
+                        tasks = sorted({self.task_ids[command[0]] for command in request[1]})
+                        raise WorkerCrashError(
+                            f"{self.env_id}: worker {worker} died {deaths[worker]} times in a row on the same "
+                            f"request ({loss.cause}; tasks {tasks}): the engine crashes the process on one of these "
+                            "tasks, or the worker cannot start (e.g. the env's entry point does not import)"
+                        )
+                else:
+                    self.timeouts += 1
+                    request = self._after_timeout(worker, request, culprit, payloads)
+                if request[0] == "step":
                     self._replay(worker)
+                if request[1] or request[0] == "reset":  # an empty reset still releases the fresh worker's envs
+                    pending[worker] = request
+                else:
+                    del pending[worker]
         return payloads
+
+    def _culprit(self, request: Request, loss: WorkerLost) -> int | None:
+        """The slot whose call hung, for a timeout whose progress is known; None for a death or an unknown call."""
+        if not loss.timed_out or loss.calls_done is None:
+            return None
+        calls = request_calls(request)
+        return calls[loss.calls_done] if loss.calls_done < len(calls) else None
+
+    def _after_timeout(self, worker: int, request: Request, slot: int, payloads: dict[int, Any]) -> Request:
+        """Count a timeout of `slot`'s call; the first gets a retry on the fresh worker, the second raises or (for a
+        step, with `on_timeout="truncate"`) ends the episode. Returns what is left of the request to resend."""
+        kind, commands = request
+        self._strikes[slot] = self._strikes.get(slot, 0) + 1
+        if self._strikes[slot] < 2:
+            return request
+        call = {"reset": "reset", "replay": "replay of its history", "step": "step"}[kind]
+        if kind == "step":
+            action = next(command[1] for command in commands if command[0] == slot)
+            call = f"step with action {action!r:.80}"
+        if kind != "step" or self.on_timeout == "error":
+            self._needs_reset = True
+            advice = " or pass on_timeout='truncate' to end such episodes as truncated" if kind == "step" else ""
+            raise EnvTimeoutError(
+                f"{self.env_id}: task {self.task_ids[slot]!r} (slot {slot}) hung twice on its {call}: the call did "
+                f"not finish within timeout_s={self.timeout_s:g} s, and again on a fresh worker after a replay. The "
+                f"engine loops on it; raise timeout_s if the call is legitimately this slow{advice}"
+            )
+        self._strikes.pop(slot)
+        info = dict(self.last_infos[slot], timed_out=True)
+        payloads[slot] = (self.last_obs[slot], 0.0, False, True, info)
+        self.active[slot] = False  # not replayed on the fresh worker; `step` records the result as usual
+        return kind, [command for command in commands if command[0] != slot]
 
     def _replay(self, worker: int) -> None:
         """Rebuild a restarted worker's active episodes from their action histories."""
@@ -520,14 +838,17 @@ class GroupRunner:
             for slot in range(self.num_slots)
             if self.active[slot] and self._worker_of[slot] == worker
         ]
+        if not commands:
+            return
         replayed = self._call({worker: ("replay", commands)})
         for slot, obs in replayed.items():
             if obs != self.last_obs[slot]:
                 self._needs_reset = True
                 raise RuntimeError(
-                    f"{self.env_id}: replaying task {self.task_ids[slot]!r} (slot {slot}) after worker {worker} died "
-                    f"did not reproduce the episode (last observation {self.last_obs[slot]!r:.80} became {obs!r:.80}): "
-                    "the engine is not deterministic given (task, seed, actions), so episodes cannot be recovered"
+                    f"{self.env_id}: replaying task {self.task_ids[slot]!r} (slot {slot}) after worker {worker} was "
+                    f"lost did not reproduce the episode (last observation {self.last_obs[slot]!r:.80} became "
+                    f"{obs!r:.80}): the engine is not deterministic given (task, seed, actions), so episodes cannot "
+                    "be recovered"
                 )
 
     def _unpack(self, request: Request, results: list[tuple[bool, Any]]) -> dict[int, Any]:
