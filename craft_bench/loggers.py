@@ -3,6 +3,7 @@ Each logger takes the same flat, namespaced metrics row the trainer writes to me
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -44,14 +45,29 @@ class WandbLogger:
         self._run.finish()
 
 
-def make_loggers(names: list[str], run_dir: Path, config: dict[str, Any]) -> list:
-    """Loggers by name; an unknown name is an error listing the valid ones."""
-    loggers = []
+#: Logger name -> the package it needs.
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_loggers(names: list[str]) -> None:
+    """Refuse an unknown logger name, or one whose package is missing, before a run creates anything."""
     for name in names:
-        if name == "tensorboard":
-            loggers.append(TensorBoardLogger(run_dir))
-        elif name == "wandb":
-            loggers.append(WandbLogger(run_dir, config))
-        else:
-            raise SystemExit(f"error: unknown logger {name!r}; valid: csv (always on), tensorboard, wandb")
+        if name not in LOGGER_PACKAGES:
+            raise SystemExit(f"error: unknown logger {name!r}; valid: csv (always on), {', '.join(LOGGER_PACKAGES)}")
+        if importlib.util.find_spec(LOGGER_PACKAGES[name]) is None:
+            raise SystemExit(f"error: --log {name} needs the {name} package: pip install 'craft-bench[{name}]'")
+
+
+def make_loggers(names: list[str], run_dir: Path, config: dict[str, Any]) -> list:
+    """Loggers by name; an unknown name is an error listing the valid ones. If one fails to start, the ones already
+    started are closed (no half-open W&B run)."""
+    check_loggers(names)
+    loggers: list = []
+    try:
+        for name in names:
+            loggers.append(TensorBoardLogger(run_dir) if name == "tensorboard" else WandbLogger(run_dir, config))
+    except BaseException:
+        for logger in loggers:
+            logger.close()
+        raise
     return loggers
