@@ -11,8 +11,8 @@ The contract is HFEngine's, point by point (so rollouts, the trainer and the tes
    temperature and top-p), and at temperature 0 (greedy) they are the model's own log-probs: both as HFEngine.
    Samples differ from HFEngine's for the same seed (vLLM draws its own random numbers); within vLLM the same
    seed, prompt and weights give the same tokens.
-3. Scoring stays with the trainer: teacher, reference and θ_old log-probs are differentiable-model work, so `score`
-   raises NotImplementedError; the trainer scores with its own HFEngine / `response_logprobs`.
+3. Scoring stays with the trainer (the protocol has no `score`): teacher, reference and θ_old log-probs come from
+   the trainer's own model through `engine.response_logprobs`, so vLLM only samples.
 4. Weight sync (`sync_weights`): the trainer's state dict is written as safetensors and vLLM's workers reload it
    (`collective_rpc("reload_weights", ...)`); then a probe compares one greedy log-prob of vLLM with the trainer
    model's. A reload that raises (vLLM then holds meta tensors and its engine is dead) or a probe that disagrees
@@ -204,13 +204,6 @@ class VLLMEngine:
             seed=int(seed),
             logprobs=0,
             detokenize=False,
-        )
-
-    def score(self, sequences: list[list[int]], response_starts: list[int]) -> list[list[float]]:
-        """Not offered: teacher, reference and θ_old scoring stay on the trainer's model (HFEngine.score)."""
-        raise NotImplementedError(
-            "VLLMEngine only samples; score with the trainer's model (HFEngine(model, pad_id).score or "
-            "agents.engine.response_logprobs)"
         )
 
     # ------------------------------------------------------------------------------------------------ weights

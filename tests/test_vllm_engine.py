@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from craft_bench.agents.engine import HFEngine, SamplingParams
+from craft_bench.agents.engine import HFEngine, RolloutEngine, SamplingParams, response_logprobs
 from craft_bench.agents.models import MissingExtraError
 from craft_bench.agents.vllm_engine import (
     EngineBrokenError,
@@ -270,9 +270,8 @@ def test_sleep_mode_sleeps_on_request_and_wakes_before_the_next_call(fake_vllm, 
     assert FakeLLM.last.events == []
 
 
-def test_score_is_left_to_the_trainers_model(fake_vllm, tmp_path):
-    with pytest.raises(NotImplementedError, match="trainer's model"):
-        make_engine(tmp_path).score([[1, 2, 3]], [1])
+def test_the_engine_satisfies_the_rollout_protocol(fake_vllm, tmp_path):
+    assert isinstance(make_engine(tmp_path), RolloutEngine)
 
 
 def test_a_missing_vllm_names_the_extra_and_how_to_install_it(monkeypatch, tmp_path):
@@ -329,9 +328,9 @@ def test_real_vllm_same_seeds_same_tokens_and_logprobs_match_hf(real_engine):
     first = engine.generate(prompts, sampling, seeds=[1, 2, 3, 4])
     second = engine.generate(prompts, sampling, seeds=[1, 2, 3, 4])
     assert [g.token_ids for g in first] == [g.token_ids for g in second]
-    hf = HFEngine(model, pad_token_id=tokenizer.eos_token_id)
-    scored = hf.score([p + g.token_ids for p, g in zip(prompts, first)], [len(p) for p in prompts])
-    gap = max(abs(a - b) for g, s in zip(first, scored) for a, b in zip(g.logprobs, s))
+    with torch.no_grad():
+        logp, mask = response_logprobs(model, prompts, [g.token_ids for g in first], pad_token_id=tokenizer.eos_token_id)
+    gap = max(abs(a - float(b)) for g, row in zip(first, logp) for a, b in zip(g.logprobs, row))
     print(f"max |vLLM - HF| log-prob over {sum(len(g.token_ids) for g in first)} sampled tokens: {gap:.2e}")
     assert gap < 1e-5
 
