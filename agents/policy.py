@@ -8,9 +8,8 @@ privileged block plus the exact student prompt); if even no history does not fit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,9 +23,12 @@ from craft_bench.agents.prompts import (
     teacher_text,
     uses_chat_template,
 )
+from craft_bench.agents import tiny
+from craft_bench.agents.tiny import TINY_MODEL, count_parameters
+from craft_bench.envs.base import ActionFormat
 
-#: The name that selects craft-bench's own offline model (agents/tiny_model.py builds or loads it from the cache).
-TINY_MODEL = "tiny"
+__all__ = ["Act", "Policy", "TurnPrompts", "TINY_MODEL", "count_parameters", "load_policy", "pad_token_id",
+           "stop_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,10 @@ class Act:
 
 @dataclass(frozen=True)
 class TurnPrompts:
-    """The token ids of one turn's prompts, and how many history turns survived truncation."""
+    """The token ids of one turn's prompts (the teacher's only when the privileged text was given)."""
 
     student_ids: list[int]
     teacher_ids: list[int] | None
-    history_used: int
 
 
 class Policy:
@@ -108,10 +109,11 @@ class Policy:
         """Sampling settings that stop where this policy's replies end."""
         return SamplingParams(temperature, top_p, max_new_tokens, tuple(self.stop_token_ids))
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a formatted prompt: chat templates carry their own special tokens, plain prompts get the
-        tokenizer's usual ones (e.g. BOS)."""
-        return list(self.tokenizer(format_prompt(self.tokenizer, text), add_special_tokens=not self.chat)["input_ids"])
+    def encode(self, text: str, action_format: ActionFormat | Mapping[str, Any] | None = None) -> list[int]:
+        """Token ids of a formatted prompt: chat templates carry their own special tokens (and the action format's
+        system prompt), plain prompts get the tokenizer's usual ones (e.g. BOS)."""
+        prompt = format_prompt(self.tokenizer, text, action_format)
+        return list(self.tokenizer(prompt, add_special_tokens=not self.chat)["input_ids"])
 
     def turn_prompts(
         self,
@@ -121,8 +123,14 @@ class Policy:
         admissible: Sequence[str],
         privileged_text: str | None = None,
         max_new_tokens: int = 32,
+        *,
+        action_format: ActionFormat | Mapping[str, Any] | None = None,
     ) -> TurnPrompts:
-        """Student (and, given the privileged text, teacher) prompt ids, truncated as the module docstring says."""
+        """Student (and, given the privileged text, teacher) prompt ids, truncated as the module docstring says.
+
+        `action_format` is the environment's `info["action_format"]` (None: pick one of `admissible`); it decides
+        how the prompt asks for an action (see agents/prompts.py).
+        """
         budget = None if self.max_positions is None else self.max_positions - max_new_tokens
         if budget is not None and budget < 1:
             raise ValueError(
@@ -131,14 +139,17 @@ class Policy:
         keep = min(len(history), self.prompt_config.history_turns)
         while True:
             recent = list(history)[len(history) - keep :] if keep else []
-            student = student_text(goal, recent, observation, admissible, self.prompt_config)
-            student_ids = self.encode(student)
-            teacher_ids = None if privileged_text is None else self.encode(teacher_text(privileged_text, student))
+            student = student_text(goal, recent, observation, admissible, self.prompt_config, action_format)
+            student_ids = self.encode(student, action_format)
+            teacher_ids = (
+                None if privileged_text is None
+                else self.encode(teacher_text(privileged_text, student), action_format)
+            )
             longest = max(len(student_ids), len(teacher_ids or []))
             if budget is None or longest <= budget:
-                return TurnPrompts(student_ids, teacher_ids, keep)
+                return TurnPrompts(student_ids, teacher_ids)
             if keep == 0:
-                return TurnPrompts(student_ids[-budget:], None if teacher_ids is None else teacher_ids[-budget:], 0)
+                return TurnPrompts(student_ids[-budget:], None if teacher_ids is None else teacher_ids[-budget:])
             keep -= 1
 
     def act(self, prompt_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> list[Act]:
@@ -162,18 +173,15 @@ def load_policy(
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a hub id, a local directory, or "tiny" (built offline, or loaded from the cache).
 
-    `tiny_options` go to `agents.tiny_model.tiny_model_path` (e.g. env_id, seed, budget) and only apply to "tiny".
+    `tiny_options` go to `agents.tiny.tiny_model_path` (env_id, env_kwargs, seed, budget, progress, workers) and
+    only apply to "tiny".
     `dtype` defaults to float32 on CPU and bfloat16 on CUDA. The model is returned in eval mode on `device`.
     """
     if tiny_options and model != TINY_MODEL:
         raise ValueError(f"tiny_options apply only to --model {TINY_MODEL!r}, not to {model!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source: str | Path = model
-    if model == TINY_MODEL:
-        from craft_bench.agents.tiny_model import tiny_model_path  # building it pulls in the envs: only when asked
-
-        source = tiny_model_path(**(tiny_options or {}))
+    source = str(tiny.tiny_model_path(**(tiny_options or {}))) if model == TINY_MODEL else model
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -181,11 +189,6 @@ def load_policy(
     lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     lm.eval()
     return lm, tokenizer
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def pad_token_id(tokenizer) -> int:

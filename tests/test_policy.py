@@ -42,7 +42,26 @@ def test_plain_and_chat_prompts_follow_the_prompt_module():
         assert tokenizer.decode(prompts.student_ids) == format_prompt(tokenizer, student)
         teacher = teacher_text("Expert plan from here: add 3", student)
         assert tokenizer.decode(prompts.teacher_ids) == format_prompt(tokenizer, teacher)
-        assert prompts.history_used == 2
+
+
+def test_free_form_prompts_follow_the_environments_action_format():
+    free = {"kind": "free", "syntax": "search[QUERY] | answer[TEXT]", "instruction": "Search, then answer.",
+            "examples": ["search[x]"]}
+    for chat in (False, True):
+        tokenizer = build_tokenizer(chat=chat)
+        policy = Policy(ScriptedEngine(tokenizer, []), tokenizer)
+        prompts = policy.turn_prompts(GOAL, HISTORY, OBS, [], "Expert plan from here: answer[5]", action_format=free)
+        student = student_text(GOAL, HISTORY, OBS, [], action_format=free)
+        assert "Action syntax: search[QUERY] | answer[TEXT]. Search, then answer." in student
+        assert tokenizer.decode(prompts.student_ids) == format_prompt(tokenizer, student, free)
+        assert tokenizer.decode(prompts.teacher_ids) == format_prompt(
+            tokenizer, teacher_text("Expert plan from here: answer[5]", student), free
+        )
+        choice = policy.turn_prompts(GOAL, HISTORY, OBS, [])
+        assert choice.student_ids != prompts.student_ids
+        if chat:  # the system prompt asks for an admissible action only when the format is a choice
+            assert "one of the admissible actions" in tokenizer.decode(choice.student_ids)
+            assert "admissible" not in tokenizer.decode(prompts.student_ids).lower()
 
 
 def test_long_prompts_drop_the_oldest_history_first():
@@ -51,13 +70,14 @@ def test_long_prompts_drop_the_oldest_history_first():
     privileged = "Expert plan from here: add 3"
     full = policy.turn_prompts(GOAL, HISTORY, OBS, ADMISSIBLE, privileged, max_new_tokens=8)
     one_turn = policy.turn_prompts(GOAL, HISTORY[1:], OBS, ADMISSIBLE, privileged, max_new_tokens=8)
+    no_turn = policy.turn_prompts(GOAL, [], OBS, ADMISSIBLE, privileged, max_new_tokens=8)
     policy.max_positions = len(full.teacher_ids) + 8 - 1  # one token too long for both turns
     truncated = policy.turn_prompts(GOAL, HISTORY, OBS, ADMISSIBLE, privileged, max_new_tokens=8)
-    assert truncated.history_used == 1
     assert truncated.student_ids == one_turn.student_ids and truncated.teacher_ids == one_turn.teacher_ids
     policy.max_positions = 20 + 8
     last_resort = policy.turn_prompts(GOAL, HISTORY, OBS, ADMISSIBLE, privileged, max_new_tokens=8)
-    assert last_resort.history_used == 0 and len(last_resort.teacher_ids) == 20
+    assert len(last_resort.teacher_ids) == 20 and last_resort.teacher_ids == no_turn.teacher_ids[-20:]
+    assert last_resort.student_ids == no_turn.student_ids[-20:]
 
 
 def test_plain_replies_stop_at_newline_tokens_and_chat_replies_do_not():
@@ -120,7 +140,7 @@ def test_sampling_settings_carry_the_policy_stop_tokens():
 
 
 def test_tiny_resolves_through_the_tiny_model_builder(tmp_path, monkeypatch):
-    import craft_bench.agents.tiny_model as tiny_model
+    from craft_bench.agents import tiny
 
     tokenizer = build_tokenizer()
     random_llama(len(tokenizer), max_positions=64).save_pretrained(tmp_path)
@@ -131,9 +151,10 @@ def test_tiny_resolves_through_the_tiny_model_builder(tmp_path, monkeypatch):
         asked.update(options)
         return tmp_path
 
-    monkeypatch.setattr(tiny_model, "tiny_model_path", fake_tiny_model_path)
-    model, _ = load_policy("tiny", tiny_options={"env_id": "craft/TextWorld-v0", "seed": 3})
-    assert asked == {"env_id": "craft/TextWorld-v0", "seed": 3}
+    monkeypatch.setattr(tiny, "tiny_model_path", fake_tiny_model_path)
+    options = {"env_id": "craft/TextWorld-v0", "env_kwargs": {"level": 2}, "seed": 3, "budget": "smoke"}
+    model, _ = load_policy("tiny", tiny_options=options)
+    assert asked == options
     assert model.config.max_position_embeddings == 64
     with pytest.raises(ValueError, match="tiny_options apply only"):
         load_policy(str(tmp_path), tiny_options={"seed": 1})

@@ -1,10 +1,10 @@
 """`python -m craft_bench.bench rollout`: generated tokens per second, environment steps per second during rollouts,
 and teacher-scoring time as a fraction of rollout time, for a tiny model on this machine.
 
-Model: `--model tiny` is craft-bench's own tiny model (built offline on first use, which takes minutes);
-`--model random` (the default) is a randomly initialised Llama of the tiny model's shape (hidden 256, MLP 512,
-4 layers, 4 heads, tied embeddings) over a byte-level BPE (about 2k tokens) trained here on the environment's own
-prompts; any other value is a Hugging Face id or local path. A random model babbles, so its episodes run to
+Model: `--model tiny` is craft-bench's own tiny model for the environment (built offline on first use, which takes
+minutes); `--model random` (the default) is a randomly initialised Llama of the default tiny model's shape (hidden
+256, MLP 512, 4 layers, 4 heads, tied embeddings; `agents/tiny/model.py`) over the tiny model's byte-level BPE
+(about 2k tokens) trained here on the environment's own prompts; any other value is a Hugging Face id or local path. A random model babbles, so its episodes run to
 max_steps with invalid actions and its replies run to max_new_tokens unless it samples a newline: per token the
 cost is that of the trained model, per episode it is the worst case. The output says which model was measured.
 One warm-up rollout (worker start-up, first-call overheads) is excluded from the timings.
@@ -23,8 +23,10 @@ import torch
 import craft_bench
 from craft_bench.agents.engine import HFEngine
 from craft_bench.agents.policy import Policy, pad_token_id
-from craft_bench.agents.prompts import format_prompt, student_text, teacher_text
+from craft_bench.agents.prompts import student_text, teacher_text
 from craft_bench.agents.rollout import collect_rollouts, score_teacher
+from craft_bench.agents.tiny import BUDGETS, count_parameters, make_model
+from craft_bench.agents.tiny.tokenizer import newline_token_id, train_tokenizer
 from craft_bench.envs.group_runner import GroupRunner
 
 #: Environment kwargs used when `--env-kwargs` is not given: few TextWorld games, so game compilation stays cached.
@@ -60,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     env.close()
     task_ids = [task_pool[i % len(task_pool)] for i in range(args.tasks)]
 
-    policy, model_note = _make_policy(args.model, args.device, texts)
+    tiny_options = {"env_id": env_id, "env_kwargs": env_kwargs} if args.model == "tiny" else None
+    policy, model_note = _make_policy(args.model, args.device, texts, tiny_options)
     sampling = policy.sampling(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     rollout_s = generate_s = env_s = teacher_s = 0.0
     tokens = steps = rows = prompt_tokens = teacher_tokens = 0
@@ -120,56 +123,46 @@ def _prompt_texts(env: gym.Env, task_ids: Sequence[str]) -> list[str]:
     texts = []
     for task_id in task_ids:
         observation, info = env.reset(options={"task_id": task_id})
-        student = student_text(info["goal"], [], observation, info["admissible_actions"])
+        student = student_text(info["goal"], [], observation, info["admissible_actions"],
+                               action_format=info.get("action_format"))
         texts += [student, teacher_text(info["privileged"]["text"], student)]
         texts += [f" {action}\n" for action in info["admissible_actions"]]
     return texts
 
 
-def _make_policy(model: str, device: str, texts: list[str]) -> tuple[Policy, str]:
+def _make_policy(
+    model: str, device: str, texts: list[str], tiny_options: dict | None = None
+) -> tuple[Policy, str]:
     if model != "random":
-        policy = Policy.from_pretrained(model, device=device)
-        params = sum(p.numel() for p in policy.engine.model.parameters())
-        return policy, f"{model} ({params / 1e6:.2f}M parameters)"
+        policy = Policy.from_pretrained(model, device=device, tiny_options=tiny_options)
+        return policy, f"{model} ({count_parameters(policy.engine.model) / 1e6:.2f}M parameters)"
     tokenizer = _benchmark_tokenizer(texts)
-    lm = _random_tiny_llama(len(tokenizer)).to(device)
-    params = sum(p.numel() for p in lm.parameters())
-    note = (f"random (untrained) Llama of the tiny model's shape: hidden 256, 4 layers, 4 heads, "
-            f"vocab {len(tokenizer)}, {params / 1e6:.2f}M parameters")
+    lm = _random_tiny_llama(tokenizer).to(device)
+    shape = BUDGETS["default"].shape
+    note = (f"random (untrained) Llama of the default tiny model's shape: hidden {shape.hidden_size}, "
+            f"{shape.num_layers} layers, {shape.num_heads} heads, vocab {len(tokenizer)}, "
+            f"{count_parameters(lm) / 1e6:.2f}M parameters")
     engine = HFEngine(lm, pad_token_id(tokenizer))
     return Policy(engine, tokenizer, max_positions=lm.config.max_position_embeddings), note
 
 
 def _benchmark_tokenizer(texts: list[str], vocab_size: int = 2048):
-    """A byte-level BPE with "\\n" as its own token (plain replies stop there), trained on `texts`; a few games'
-    text cannot fill `vocab_size` merges, so unused special tokens pad the vocabulary to the tiny model's size
-    (the model's embedding and output layer then have the shape, and the cost, of the real one)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The tiny model's tokenizer (agents/tiny/tokenizer.py), trained on `texts`; a few games' text cannot fill
+    `vocab_size` merges, so unused special tokens pad the vocabulary to the tiny model's size (the model's
+    embedding and output layer then have the shape, and the cost, of the real one)."""
+    tokenizer = train_tokenizer(lambda: iter(texts * 4), vocab_size)
+    unused = [f"<unused{i}>" for i in range(vocab_size - len(tokenizer))]
+    tokenizer.add_special_tokens({"additional_special_tokens": unused})
+    return tokenizer
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex("\n"), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+
+def _random_tiny_llama(tokenizer):
+    """An untrained model of the default tiny model's shape (agents/tiny/model.py), from a fixed seed."""
+    return make_model(
+        BUDGETS["default"].shape, len(tokenizer), torch.Generator().manual_seed(0),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, stop_token_ids=[newline_token_id(tokenizer)],
     )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(texts * 4, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
-    unused = [f"<unused{i}>" for i in range(vocab_size - len(wrapped))]
-    wrapped.add_special_tokens({"additional_special_tokens": unused})
-    return wrapped
-
-
-def _random_tiny_llama(vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
-                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).eval()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""The settings of a tiny-model build (`TinyBudget`) and its named presets: test (seconds), smoke, default.
+Every field goes into the cache key, together with `RECIPE_VERSION`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from craft_bench.agents.tiny.model import TinyShape
+
+#: Bump when the build recipe changes in a way that changes the model, so cached builds are not reused.
+#: 3: expert episodes are played on the group runner (seeds per group), free-form action formats.
+RECIPE_VERSION = "3"
+
+
+@dataclass(frozen=True)
+class TinyBudget:
+    """Every setting of a tiny-model build; all of them go into the cache key."""
+
+    n_train_tasks: int = 480
+    """Task draws to collect expert episodes on: a seeded shuffle of the split, cycled when the split has fewer
+    tasks (a task drawn twice gets other seeds and other perturbations)."""
+    clean_per_task: int = 0
+    """Unperturbed expert episodes per task draw."""
+    perturbed_per_task: int = 1
+    """Perturbed expert episodes per task draw."""
+    perturb_prob: float = 0.3
+    """In a perturbed episode, the probability of executing a perturbation instead of the expert's action."""
+    invalid_share: float = 0.3
+    """The share of perturbations meant to be invalid (stale or malformed actions, see `data.perturbation`)."""
+    max_episode_steps: int = 40
+    """Cap on the length of a collected episode."""
+    history_turns: int = 2
+    """H of the prompts (`PromptConfig.history_turns`)."""
+    teacher_fraction: float = 0.5
+    """Fraction of the states rendered in the teacher format (privileged block + student prompt)."""
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    max_positions: int = 2048
+    """Longest prompt + reply the model is built for; longer training examples are dropped (and counted)."""
+    epochs: float = 3.0
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("n_train_tasks", "max_episode_steps", "vocab_size", "hidden_size", "intermediate_size",
+                     "num_layers", "num_heads", "max_positions", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TinyBudget.{name} must be >= 1, got {getattr(self, name)}")
+        if self.clean_per_task < 0 or self.perturbed_per_task < 0:
+            raise ValueError("TinyBudget.clean_per_task and perturbed_per_task must be >= 0")
+        if self.clean_per_task + self.perturbed_per_task < 1:
+            raise ValueError("TinyBudget needs at least one episode per task (clean_per_task + perturbed_per_task)")
+        for name in ("perturb_prob", "invalid_share", "teacher_fraction", "warmup_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"TinyBudget.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.epochs <= 0 or self.lr <= 0:
+            raise ValueError(f"TinyBudget.epochs and lr must be > 0, got {self.epochs} and {self.lr}")
+
+    @property
+    def shape(self) -> TinyShape:
+        """The model architecture this budget builds."""
+        return TinyShape(self.hidden_size, self.intermediate_size, self.num_layers, self.num_heads, self.max_positions)
+
+
+#: Named presets. "test" builds in seconds (for unit tests only: it learns nothing useful); "smoke" builds in about
+#: a minute of CPU time and learns the format and some copying (for trying a new environment end to end); "default"
+#: is what `--model tiny` builds the first time it runs, 10+ minutes on two CPU cores.
+BUDGETS: dict[str, TinyBudget] = {
+    "test": TinyBudget(
+        n_train_tasks=6, clean_per_task=1, perturbed_per_task=1, max_episode_steps=12, vocab_size=300, hidden_size=32,
+        intermediate_size=64, num_layers=1, num_heads=2, max_positions=1024, epochs=1.0, batch_size=8,
+    ),
+    "smoke": TinyBudget(
+        n_train_tasks=96, max_episode_steps=30, vocab_size=1024, hidden_size=128, intermediate_size=256,
+        num_layers=2, num_heads=4, max_positions=1024, epochs=2.0, batch_size=16, lr=2e-3,
+    ),
+    "default": TinyBudget(),
+}
+
+
+def resolve_budget(budget: str | TinyBudget) -> TinyBudget:
+    """A preset name or a `TinyBudget`, as a `TinyBudget`."""
+    if isinstance(budget, TinyBudget):
+        return budget
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown tiny-model budget {budget!r}; presets: {sorted(BUDGETS)} (or pass a TinyBudget)")
+    return BUDGETS[budget]

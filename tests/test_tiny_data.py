@@ -1,0 +1,99 @@
+"""Tests of the tiny model's expert data: labels from `privileged["expert_plan"]`, perturbations by action format,
+determinism across worker counts, and examples in the teacher and student formats."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from fake_envs import PICK_PLACE_ENV_ID, QUIZ_ENV_ID, PickPlaceEnv
+
+from craft_bench.agents.prompts import format_response
+from craft_bench.agents.tiny import BUDGETS
+from craft_bench.agents.tiny.data import collect_expert_records, malformed, perturbation
+from craft_bench.agents.tiny.sft import make_examples
+
+TEST = BUDGETS["test"]
+
+
+def test_expert_records_label_every_state_with_the_expert_action():
+    budget = dataclasses.replace(TEST, perturbed_per_task=0)
+    records, stats = collect_expert_records(PICK_PLACE_ENV_ID, budget, seed=0, progress=False)
+    assert stats.episodes == stats.episodes_won == budget.n_train_tasks
+    assert stats.planner_failures == 0 and stats.perturbations == 0 and stats.invalid_actions == 0
+    first = records[0]
+    assert first.student.startswith("Task: put a ") and "Admissible actions: look | go to " in first.student
+    assert first.action in first.privileged and first.action.startswith("go to ")
+    assert {r.task_id for r in records} <= set(PickPlaceEnv().task_ids)
+
+
+def test_perturbed_episodes_take_random_actions_and_still_win():
+    budget = dataclasses.replace(TEST, clean_per_task=0, perturbed_per_task=3, perturb_prob=0.5, invalid_share=0.5)
+    records, stats = collect_expert_records(PICK_PLACE_ENV_ID, budget, seed=0, progress=False)
+    assert stats.perturbations > stats.invalid_actions > 0
+    assert stats.episodes == 3 * budget.n_train_tasks and stats.episodes_won > 0
+    # Recovery from a rejected action is in the data: the expert's label after "Nothing happens.".
+    assert any("Current observation: Nothing happens." in r.student for r in records)
+    assert len(records) == len({(r.student, r.privileged, r.action) for r in records})
+
+
+def test_collection_does_not_depend_on_the_number_of_workers():
+    in_process = collect_expert_records(PICK_PLACE_ENV_ID, TEST, seed=3, workers=0, progress=False)
+    two_workers = collect_expert_records(PICK_PLACE_ENV_ID, TEST, seed=3, workers=2, progress=False)
+    assert in_process == two_workers
+    assert collect_expert_records(PICK_PLACE_ENV_ID, TEST, seed=4, progress=False) != in_process
+
+
+def test_a_split_smaller_than_the_budget_is_cycled():
+    budget = dataclasses.replace(TEST, n_train_tasks=20, clean_per_task=1, perturbed_per_task=0)
+    records, stats = collect_expert_records(QUIZ_ENV_ID, budget, seed=0, env_kwargs={"num_tasks": 8}, progress=False)
+    assert stats.tasks == 8 and stats.episodes == 20 == stats.episodes_won
+    assert len({r.task_id for r in records}) == 8
+
+
+def test_free_form_records_carry_the_syntax_and_the_expert_text():
+    budget = dataclasses.replace(TEST, clean_per_task=0, perturbed_per_task=2, perturb_prob=0.5, invalid_share=0.5)
+    records, stats = collect_expert_records(QUIZ_ENV_ID, budget, seed=0, progress=False)
+    assert all("Action syntax: search[NAME] | answer[CITY]." in r.student for r in records)
+    assert all("Admissible actions" not in r.student for r in records)  # the quiz lists no concrete options
+    assert {r.action.split("[")[0] for r in records} == {"search", "answer"}
+    assert all(r.action in r.privileged for r in records)
+    # Malformed perturbations are rejected by the syntax check and show up as recovery states.
+    assert stats.perturbations >= stats.invalid_actions > 0
+    assert any("Current observation: Nothing happens." in r.student for r in records)
+
+
+def test_choice_perturbations_are_stale_or_other_admissible_actions():
+    rng = np.random.default_rng(0)
+    picks = {perturbation("b", ["a", "b", "c"], ["z", "a", "b"], [], "choice", 0.5, rng) for _ in range(200)}
+    assert picks == {"a", "c", "z"}
+    assert perturbation("b", ["b"], ["b"], [], "choice", 0.5, rng) == "b"  # nothing else to do
+
+
+def test_free_perturbations_are_malformed_or_well_formed_wrong_actions():
+    rng = np.random.default_rng(0)
+    picks = {
+        perturbation("answer[oslo]", ["click[x]"], [], ["search[ann]", "answer[oslo]"], "free", 0.3, rng)
+        for _ in range(200)
+    }
+    assert picks == {"answer oslo", "click[x]", "search[ann]"}
+    assert perturbation("search[ann]", [], [], [], "free", 0.0, rng) == "search ann"  # no wrong action known
+    assert malformed("search[who wrote x]") == "search who wrote x" and malformed("go north") == "go"
+
+
+def test_examples_mix_teacher_and_student_formats():
+    records, _ = collect_expert_records(PICK_PLACE_ENV_ID, TEST, seed=0, progress=False)
+    examples = make_examples(records, teacher_fraction=0.5, seed=0)
+    teacher = [e for e in examples if e.teacher]
+    student = [e for e in examples if not e.teacher]
+    assert teacher and student
+    assert all(e.prompt.startswith("Privileged guidance") for e in teacher)
+    assert all(e.prompt.startswith("Task: ") and e.prompt.endswith("\nAction:") for e in student)
+    assert all(e.reply == format_response(None, r.action) for e, r in zip(examples, records))
+    assert make_examples(records, 0.5, seed=0) == examples and make_examples(records, 0.5, seed=1) != examples
+
+
+def test_an_unknown_split_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="unknown split 'nope'"):
+        collect_expert_records(PICK_PLACE_ENV_ID, TEST, seed=0, split="nope", progress=False)
