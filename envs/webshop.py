@@ -381,6 +381,7 @@ class WebShopBase(TextAgentEnv):
         self._clickables: dict[str, tuple[str, Any]] = {}
         self._score: Score | None = None
         self._plan_memo: dict[Any, list[str]] = {}
+        self._win_memo: dict[int, bool] = {}
 
     @property
     def data_dir(self) -> Path:
@@ -424,6 +425,7 @@ class WebShopBase(TextAgentEnv):
         self._page = _Page()
         self._score = None
         self._plan_memo = {}
+        self._win_memo = {}
         self._clickables = {}
         return TaskStart(
             feedback=self._render(),
@@ -593,10 +595,11 @@ class WebShopBase(TextAgentEnv):
 
     # ------------------------------------------------------------------ expert
     def _plan_from_here(self) -> list[str]:
-        """A shortest winning sequence the expert knows from the current page: on a product that can score 1.0,
-        the goal's options then buy now; elsewhere back to the results holding the target (next/prev), or back
-        to search and the instruction's own query; the target's title as a query when the instruction's query
-        does not find it. Empty when no query finds the target (never for generated data, which is checked)."""
+        """A winning sequence from the current page: on a product that can score 1.0 (or the target), its goal
+        options then buy now; on results, to the first result that can score 1.0 (the target at the latest, via
+        next/prev); else back (< prev, back to search) and search the instruction's own query, or the target's
+        title when that query finds nothing that wins. Empty when neither does (never for generated data, whose
+        instructions are checked to find their product)."""
         page = self._page
         if page.kind == "done":
             return []
@@ -610,24 +613,32 @@ class WebShopBase(TextAgentEnv):
         return self._plan_from_search()
 
     def _plan_from_search(self) -> list[str]:
-        target = self.catalogue.position[self._goal["asin"]]
         for query in (instruction_query(self._instruction), normalize_action(self._goal["name"])):
             query = re.sub(r"\s+", " ", query.replace("[", " ").replace("]", " ")).strip()
-            results = tuple(self.catalogue.search.search(query))
-            if target in results:
-                return [f"search[{query}]", *self._plan_on_results(query, 1, results)]
+            plan = self._plan_on_results(query, 1, tuple(self.catalogue.search.search(query)))
+            if plan:
+                return [f"search[{query}]", *plan]
         return []
 
     def _plan_on_results(self, keywords: str, page_number: int, results: tuple[int, ...]) -> list[str]:
+        """From a results page: to the first result that can score 1.0 (the target at the latest), click it,
+        choose its options, buy. Empty if no result can."""
         target = self.catalogue.position[self._goal["asin"]]
-        if target not in results:
+        pick = next((p for p in results if p == target or self._can_win(p)), None)
+        if pick is None:
             return []
-        target_page = results.index(target) // PRODUCT_WINDOW + 1
-        moves = ([f"click[{NEXT_PAGE}]"] * (target_page - page_number) if target_page >= page_number
-                 else [f"click[{PREV_PAGE}]"] * (page_number - target_page))
-        item_page = _Page("item", keywords, target_page, results, target, {})
-        return [*moves, f"click[{self.catalogue.products[target]['asin'].lower()}]",
-                *self._plan_on_item(target, {}, item_page)]
+        pick_page = results.index(pick) // PRODUCT_WINDOW + 1
+        moves = ([f"click[{NEXT_PAGE}]"] * (pick_page - page_number) if pick_page >= page_number
+                 else [f"click[{PREV_PAGE}]"] * (page_number - pick_page))
+        item_page = _Page("item", keywords, pick_page, results, pick, {})
+        return [*moves, f"click[{self.catalogue.products[pick]['asin'].lower()}]",
+                *self._plan_on_item(pick, {}, item_page)]
+
+    def _can_win(self, position: int) -> bool:
+        """Whether the product at `position` scores 1.0 for this goal with the right options (memoised per task)."""
+        if position not in self._win_memo:
+            self._win_memo[position] = self._option_clicks(position, {})[1]
+        return self._win_memo[position]
 
     def _plan_on_item(self, position: int | None, options: dict[str, str], page: _Page) -> list[str]:
         assert position is not None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -188,48 +189,53 @@ def check_vocabularies() -> None:
                     raise ValueError(f"attributes of {category.name}: {a!r} is inside {b!r}")
 
 
-def _pick(rng: np.random.Generator, values: tuple[str, ...] | list[str], k: int) -> list[str]:
+def _pick(rng: random.Random, values: tuple[str, ...] | list[str], k: int) -> list[str]:
     """`k` distinct values, kept in vocabulary order (so option lists read naturally)."""
-    chosen = sorted(rng.choice(len(values), size=min(k, len(values)), replace=False).tolist())
-    return [values[i] for i in chosen]
+    return [values[i] for i in sorted(rng.sample(range(len(values)), min(k, len(values))))]
 
 
-def _brand(rng: np.random.Generator) -> str:
-    return "".join(_SYLLABLES[int(i)] for i in rng.integers(len(_SYLLABLES), size=int(rng.integers(2, 4)))).title()
+def _brand(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).title()
 
 
-def _asin(rng: np.random.Generator, taken: set[str]) -> str:
+def _asin(rng: random.Random, taken: set[str]) -> str:
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
     while True:
-        asin = "B0" + "".join(alphabet[int(i)] for i in rng.integers(len(alphabet), size=8))
+        asin = "B0" + "".join(rng.choice(alphabet) for _ in range(8))
         if asin not in taken:
             taken.add(asin)
             return asin
 
 
-def _price(rng: np.random.Generator) -> str:
-    low = round(float(rng.uniform(4.0, 180.0)), 0) - 0.01
+def _price(rng: random.Random) -> str:
+    low = round(rng.uniform(4.0, 180.0), 0) - 0.01
     if rng.random() < 0.25:
-        return f"${low:.2f} - ${low * float(rng.uniform(1.1, 1.5)):.2f}"
+        return f"${low:.2f} - ${low * rng.uniform(1.1, 1.5):.2f}"
     return f"${low:.2f}"
 
 
-def generate_product(rng: np.random.Generator, taken: set[str]) -> tuple[dict[str, Any], list[str]]:
+def _derived(rng: np.random.Generator) -> random.Random:
+    """A private `random.Random` seeded from the data set's Generator: one per product or instruction, because
+    many small draws from a numpy Generator cost microseconds each (100k products would take minutes)."""
+    return random.Random(int(rng.integers(2**63)))
+
+
+def generate_product(rng: random.Random, taken: set[str]) -> tuple[dict[str, Any], list[str]]:
     """One raw product record in items_shuffle.json's format, and its attribute list for items_ins_v2.json."""
-    category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
-    kind = category.types[int(rng.integers(len(category.types)))]
-    attributes = _pick(rng, category.attributes, int(rng.integers(3, 6)))
-    order = [attributes[int(i)] for i in rng.permutation(len(attributes))]
+    category = rng.choice(CATEGORIES)
+    kind = rng.choice(category.types)
+    attributes = _pick(rng, category.attributes, rng.randint(3, 5))
+    order = rng.sample(attributes, len(attributes))
     brand = _brand(rng)
     title = f"{brand} {order[0].title()} {kind.noun.title()} with {order[1].title()}"
     options = {
-        group: [{"value": v, "image": None} for v in _pick(rng, OPTION_VALUES[group],
-                                                          int(rng.integers(2, len(OPTION_VALUES[group]) + 1)))]
+        group: [{"value": v, "image": None}
+                for v in _pick(rng, OPTION_VALUES[group], rng.randint(2, len(OPTION_VALUES[group])))]
         for group in kind.option_groups
     }
     description = (f"This {kind.noun} by {brand} is {', '.join(order[:-1])} and {order[-1]}. "
-                   f"{_DESCRIPTION_OPENERS[int(rng.integers(len(_DESCRIPTION_OPENERS)))]}")
-    bullets = [f"{a.capitalize()}: {_FILLERS[int(rng.integers(len(_FILLERS)))]}" for a in order]
+                   f"{rng.choice(_DESCRIPTION_OPENERS)}")
+    bullets = [f"{a.capitalize()}: {rng.choice(_FILLERS)}" for a in order]
     asin = _asin(rng, taken)
     product = {
         "asin": asin,
@@ -247,22 +253,21 @@ def generate_product(rng: np.random.Generator, taken: set[str]) -> tuple[dict[st
     return product, attributes
 
 
-def generate_instruction(rng: np.random.Generator, product: dict[str, Any], attributes: list[str]) -> dict[str, Any]:
+def generate_instruction(rng: random.Random, product: dict[str, Any], attributes: list[str]) -> dict[str, Any]:
     """A human-style instruction for `product` in items_human_ins.json's format: its type, one to three of its
     attributes, and a value of each of some of its option groups."""
     kind = next(t for c in CATEGORIES for t in c.types if t.query == product["query"] and c.name == product["category"])
-    chosen_attributes = _pick(rng, attributes, int(rng.integers(1, min(3, len(attributes)) + 1)))
-    chosen_attributes = [chosen_attributes[int(i)] for i in rng.permutation(len(chosen_attributes))]
+    chosen_attributes = rng.sample(attributes, rng.randint(1, min(3, len(attributes))))
     option_parts, goal_options = [], []
     for group, contents in product["customization_options"].items():
         if rng.random() < 0.75:
-            value = contents[int(rng.integers(len(contents)))]["value"]
+            value = rng.choice(contents)["value"]
             goal_options.append(value)
             option_parts.append(f"{group.lower()} {value}")
     attrs = chosen_attributes[0] if len(chosen_attributes) == 1 else (
         ", ".join(chosen_attributes[:-1]) + " and " + chosen_attributes[-1])
     options = f", with {' and '.join(option_parts)}" if option_parts else ""
-    template = _INSTRUCTION_TEMPLATES[int(rng.integers(len(_INSTRUCTION_TEMPLATES)))]
+    template = rng.choice(_INSTRUCTION_TEMPLATES)
     return {
         "asin": product["asin"],
         "instruction": template.format(a_type=f"{'an' if kind.noun[0] in 'aeio' else 'a'} {kind.noun}", attrs=attrs,
@@ -284,7 +289,7 @@ def write_dataset(out_dir: Path, config: GenConfig) -> None:
     taken: set[str] = set()
     products, attributes = [], {}
     for _ in range(config.n_products):
-        product, attrs = generate_product(rng, taken)
+        product, attrs = generate_product(_derived(rng), taken)
         products.append(product)
         attributes[product["asin"]] = {"attributes": attrs}
     processed = webshop.process_products(products, attributes)
@@ -295,8 +300,9 @@ def write_dataset(out_dir: Path, config: GenConfig) -> None:
         if len(human) == config.n_goals:
             break
         product = products[position]
+        draws = _derived(rng)
         for _ in range(INSTRUCTION_TRIES):
-            instruction = generate_instruction(rng, product, attributes[product["asin"]]["attributes"])
+            instruction = generate_instruction(draws, product, attributes[product["asin"]]["attributes"])
             if instruction["instruction"] in texts:
                 continue
             if position in search.search(webshop.instruction_query(instruction["instruction"])):

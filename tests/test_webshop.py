@@ -58,24 +58,25 @@ def play_expert(env: gym.Env, **reset_kwargs) -> tuple[dict, list[str], list[str
     return info, actions, observations, rewards
 
 
-def test_the_expert_wins_every_generated_task() -> None:
-    for split in webshop.SPLIT_RANGES:
-        env = gen_env(split)
-        for task_id in env.task_ids:
-            info, actions, _, rewards = play_expert(env, seed=7, options={"task_id": task_id})
-            assert info["won"] and info["task_score"] == 1.0, (task_id, actions, info["score_parts"])
-            assert rewards[-1] == 1.0 and sum(rewards) == 1.0
-            assert info["privileged"]["expert_plan"] == []
+def assert_expert_wins_every_task(env: gym.Env) -> None:
+    for task_id in env.task_ids:
+        info, actions, _, rewards = play_expert(env, seed=7, options={"task_id": task_id})
+        assert info["won"] and info["task_score"] == 1.0, (task_id, actions, info["score_parts"])
+        assert rewards[-1] == 1.0 and sum(rewards) == 1.0
+        assert info["privileged"]["expert_plan"] == []
+
+
+def test_the_expert_wins_every_generated_test_task() -> None:
+    assert_expert_wins_every_task(gen_env("test"))
 
 
 @pytest.mark.slow
-def test_the_expert_wins_every_task_of_the_default_generated_catalogue() -> None:
-    """The default `craft/WebShopGen-v0` (6000 products, 4500 goals): about a minute on one core."""
+def test_the_expert_wins_every_generated_task_of_every_split() -> None:
+    """This module's catalogue in full, then the default `craft/WebShopGen-v0` (6000 products, 4500 goals):
+    a few minutes on one core (`pytest -m slow tests/test_webshop.py`)."""
     for split in webshop.SPLIT_RANGES:
-        env = gym.make("craft/WebShopGen-v0", split=split).unwrapped
-        for task_id in env.task_ids:
-            info, actions, _, _ = play_expert(env, seed=1, options={"task_id": task_id})
-            assert info["won"], (task_id, actions)
+        assert_expert_wins_every_task(gen_env(split))
+        assert_expert_wins_every_task(gym.make("craft/WebShopGen-v0", split=split).unwrapped)
 
 
 def test_check_env_passes_on_both_ids(official_root: Path) -> None:
@@ -264,15 +265,22 @@ def test_free_form_queries_are_valid_on_the_search_page() -> None:
 
 def test_task_score_is_reported_on_every_step_and_won_iff_one() -> None:
     env = gen_env()
-    _, info = env.reset(seed=0, options={"task_index": 5})
+    index = 0
+    while True:  # a goal with options: buying its product without choosing them scores below 1
+        _, info = env.reset(seed=0, options={"task_index": index})
+        if info["privileged"]["goal_options"]:
+            break
+        index += 1
     plan = info["privileged"]["expert_plan"]
     assert info["task_score"] == 0.0 and not info["won"]
-    *_, info = env.step(plan[0])
-    assert info["task_score"] == 0.0
-    # Buy another product from the results instead: a score below 1 ends the episode as a loss.
-    env.step(next(a for a in info["admissible_actions"][2:] if a != plan[1]))
+    for action in plan[:2]:  # search, then the product
+        *_, info = env.step(action)
+        assert info["task_score"] == 0.0
     obs, reward, terminated, _, info = env.step("click[buy now]")
-    assert terminated and reward == 0.0 and not info["won"] and info["task_score"] < 1.0
+    n_attributes, n_options = len(info["privileged"]["goal_attributes"]), len(info["privileged"]["goal_options"])
+    # every attribute and the price right, no option chosen: (attributes + 0 + 1) / (attributes + options + 1)
+    assert info["task_score"] == pytest.approx((n_attributes + 1) / (n_attributes + n_options + 1))
+    assert terminated and reward == 0.0 and not info["won"]
     assert info["score_parts"]["score"] == info["task_score"]
     assert obs == f"Thank you for shopping with us! [SEP] Your score (min 0.0, max 1.0) [SEP] {info['task_score']}"
 
