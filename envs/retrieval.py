@@ -1,5 +1,5 @@
 """Retrieval for Search-QA: a corpus in Search-R1's `corpus.jsonl` format and retrievers over it (BM25 with bm25s,
-dense E5 with sentence-transformers + FAISS, or Search-R1's HTTP retrieval server) behind one interface.
+dense E5 with transformers + FAISS, or Search-R1's HTTP retrieval server) behind one interface.
 
 Every retriever answers a batch of queries with Search-R1's server shape, `[[{"document": {"id", "contents"},
 "score": float}, ...], ...]`, so the environment formats hits the same way whichever retriever found them.
@@ -257,58 +257,91 @@ def parse_server_response(body: Any, n_queries: int, url: str = "the server") ->
 
 
 class DenseRetriever(Retriever):
-    """E5 embeddings (sentence-transformers, mean pooling, `query: ` / `passage: ` prefixes) with an exact FAISS
-    inner-product index, as Search-R1's e5 retriever. Needs the `dense` extra and a local model directory: nothing
-    is downloaded at run time. The passage index is built once per (corpus, model) and cached."""
+    """Dense retrieval as Search-R1's e5 retriever does it: a local transformers encoder with mean pooling over the
+    attention mask, `query: ` / `passage: ` prefixes for E5 models, L2-normalised embeddings, and an exact FAISS
+    inner-product index (`IndexFlatIP`) whose row i is corpus passage i.
 
-    def __init__(self, corpus: Corpus, model_path: str | os.PathLike, batch_size: int = 256):
+    Needs the `dense` extra (faiss) and a local model directory: nothing is downloaded at run time. The passage
+    index is built once per (corpus, model) and cached, or read from `index_path` (e.g. Search-R1's
+    `e5_Flat.index` for wiki-18, which follows the corpus order).
+    """
+
+    def __init__(self, corpus: Corpus, model_path: str | os.PathLike, index_path: str | os.PathLike | None = None,
+                 batch_size: int = 64, max_length: int = 256):
         try:
             import faiss
-            from sentence_transformers import SentenceTransformer
         except ImportError as error:
             raise ImportError(
-                f"the dense retriever needs sentence-transformers and faiss ({error.name} is missing): "
-                "pip install 'craft-bench[dense]', or use the default BM25 retriever"
+                "the dense retriever needs faiss (faiss is missing): pip install 'craft-bench[dense]', "
+                "or use the default BM25 retriever"
             ) from error
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
         model_dir = Path(model_path).expanduser()
         if not model_dir.is_dir():
             raise FileNotFoundError(f"dense retriever model {model_dir} is not a local directory; download the E5 "
                                     "model once (e.g. intfloat/e5-base-v2) and pass its path: nothing is fetched here")
         self.corpus = corpus
-        self.name = f"e5:{model_dir.name}"
-        self._model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
-        model_key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:12]
-        index_path = corpus.cache / f"faiss-{model_dir.name}-{model_key}.index"
+        self.name = f"dense:{model_dir.name}"
+        self.max_length = int(max_length)
+        self._torch = torch
+        # Search-R1 adds the E5 prefixes when the model's name says e5; so do we.
+        self._prefixes = ("query: ", "passage: ") if "e5" in model_dir.name.lower() else ("", "")
+        self._tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self._model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+        if index_path is None:
+            model_key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:12]
+            target = corpus.cache / f"faiss-flatip-{model_dir.name}-{model_key}-{self.max_length}.index"
 
-        def build(target: Path) -> None:
-            index = faiss.IndexFlatIP(self._model.get_sentence_embedding_dimension())
-            batch: list[str] = []
-            for contents in corpus.iter_contents():
-                batch.append("passage: " + contents)
-                if len(batch) == batch_size:
-                    index.add(self._embed(batch))
-                    batch = []
-            if batch:
-                index.add(self._embed(batch))
-            faiss.write_index(index, str(target))
+            def build(staged: Path) -> None:
+                index = None
+                batch: list[str] = []
+                for contents in [*corpus.iter_contents(), None]:
+                    if contents is not None:
+                        batch.append(self._prefixes[1] + contents)
+                    if batch and (len(batch) == batch_size or contents is None):
+                        vectors = self.embed(batch)
+                        if index is None:
+                            index = faiss.IndexFlatIP(vectors.shape[1])
+                        index.add(vectors)
+                        batch = []
+                faiss.write_index(index, str(staged))
 
-        build_once(index_path, build)
+            index_path = build_once(target, build)
+        index_path = Path(index_path).expanduser()
+        if not index_path.is_file():
+            raise FileNotFoundError(f"FAISS index {index_path} does not exist")
         self._index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP)
+        if self._index.ntotal != len(corpus):
+            raise ValueError(f"FAISS index {index_path} holds {self._index.ntotal} vectors but the corpus "
+                             f"{corpus.path} has {len(corpus)} passages; they must be built from the same corpus")
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self._model.encode(texts, normalize_embeddings=True), dtype=np.float32)
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised mean-pooled embeddings (float32, one row per text); prefixes are the caller's."""
+        torch = self._torch
+        inputs = self._tokenizer(texts, max_length=self.max_length, padding=True, truncation=True,
+                                 return_tensors="pt")
+        with torch.no_grad():
+            hidden = self._model(**inputs, return_dict=True).last_hidden_state
+        mask = inputs["attention_mask"][..., None].to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+        return torch.nn.functional.normalize(pooled, dim=-1).float().numpy().astype(np.float32, order="C")
 
     def search(self, queries: list[str], topk: int = DEFAULT_TOPK) -> list[list[Hit]]:
         if not queries:
             return []
-        scores, documents = self._index.search(self._embed(["query: " + q for q in queries]), int(topk))
+        k = min(int(topk), len(self.corpus))
+        scores, documents = self._index.search(self.embed([self._prefixes[0] + q for q in queries]), k)
         return [[{"document": self.corpus[int(d)], "score": float(s)} for d, s in zip(row_d, row_s) if d >= 0]
                 for row_d, row_s in zip(documents, scores)]
 
 
-def make_retriever(spec: str | Retriever, corpus: Corpus | None) -> Retriever:
+def make_retriever(spec: str | Retriever, corpus: Corpus | None,
+                   dense_index: str | os.PathLike | None = None) -> Retriever:
     """A retriever from its spec: `bm25` (default), `http://host:port/retrieve` (Search-R1's server) or
-    `e5:<local model dir>` (dense); a `Retriever` instance is used as is."""
+    `dense:<local model dir>` (`DenseRetriever`, optionally over a prebuilt FAISS `dense_index`); a `Retriever`
+    instance is used as is."""
     if isinstance(spec, Retriever):
         return spec
     if not isinstance(spec, str):
@@ -319,6 +352,7 @@ def make_retriever(spec: str | Retriever, corpus: Corpus | None) -> Retriever:
         raise ValueError(f"retriever {spec!r} needs a corpus.jsonl")
     if spec == "bm25":
         return BM25Retriever(corpus)
-    if spec.startswith("e5:"):
-        return DenseRetriever(corpus, spec[3:])
-    raise ValueError(f"unknown retriever {spec!r}; valid: 'bm25', 'e5:<local model dir>', 'http://host:port/retrieve'")
+    if spec.startswith("dense:"):
+        return DenseRetriever(corpus, spec[len("dense:"):], dense_index)
+    raise ValueError(f"unknown retriever {spec!r}; valid: 'bm25', 'dense:<local model dir>', "
+                     "'http://host:port/retrieve'")

@@ -249,7 +249,8 @@ class _SearchQABase(TextAgentEnv):
     action_format = SEARCH_ACTION_FORMAT
 
     def __init__(self, split: str, max_steps: int, render_mode: str | None, data_dir: Path, split_file: Path,
-                 corpus_path: str | os.PathLike | None, retriever: str | Retriever, topk: int) -> None:
+                 corpus_path: str | os.PathLike | None, retriever: str | Retriever, topk: int,
+                 dense_index: str | os.PathLike | None) -> None:
         super().__init__(split, max_steps, render_mode)
         if int(topk) < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
@@ -264,7 +265,7 @@ class _SearchQABase(TextAgentEnv):
         if needs_corpus and not corpus_file.is_file():
             raise FileNotFoundError(MISSING_DATA_HINT.format(reason=f"corpus file {corpus_file} does not exist"))
         self.corpus = Corpus(corpus_file) if corpus_file.is_file() else None
-        self.retriever = make_retriever(retriever, self.corpus)
+        self.retriever = make_retriever(retriever, self.corpus, dense_index)
         identity = {"split_file": file_sha256(split_file),
                     "corpus": self.corpus.sha256 if self.corpus is not None else self.retriever.name}
         self.data_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -335,15 +336,16 @@ class SearchQAEnv(_SearchQABase):
     """`craft/SearchQA-v0`: Search-R1's QA data (`{split}.jsonl` or `{split}.parquet`) over `corpus.jsonl`.
 
     `gym.make("craft/SearchQA-v0", data_dir=PATH, split="test")`, or `$CRAFT_SEARCHQA_DATA` without `data_dir`.
-    `retriever`: `bm25` (default, bm25s), `e5:<local model dir>` (dense, `dense` extra) or the URL of Search-R1's
-    retrieval server (`http://127.0.0.1:8000/retrieve`; then `corpus.jsonl` is optional). `task_type` and
-    `info["dataset"]` are the question's Search-R1 `data_source` (nq, hotpotqa, ...).
+    `retriever`: `bm25` (default, bm25s), `dense:<local model dir>` (E5 + FAISS, `dense` extra; `dense_index` may
+    name a prebuilt FAISS index such as Search-R1's `e5_Flat.index`) or the URL of Search-R1's retrieval server
+    (`http://127.0.0.1:8000/retrieve`; then `corpus.jsonl` is optional). `task_type` and `info["dataset"]` are the
+    question's Search-R1 `data_source` (nq, hotpotqa, ...).
     """
 
     def __init__(self, split: str = "test", max_steps: int = 4, render_mode: str | None = None,
                  data_dir: str | os.PathLike | None = None, corpus_path: str | os.PathLike | None = None,
                  data_format: str | None = None, retriever: str | Retriever = "bm25",
-                 topk: int = DEFAULT_TOPK) -> None:
+                 topk: int = DEFAULT_TOPK, dense_index: str | os.PathLike | None = None) -> None:
         raw = data_dir if data_dir is not None else os.environ.get(DATA_ENV_VAR)
         if not raw:
             raise FileNotFoundError(MISSING_DATA_HINT.format(reason=f"data_dir is not given and ${DATA_ENV_VAR} "
@@ -353,7 +355,7 @@ class SearchQAEnv(_SearchQABase):
             raise FileNotFoundError(MISSING_DATA_HINT.format(reason=f"{root} is not a directory"))
         self._source = str(root)
         super().__init__(split, max_steps, render_mode, root, find_split_file(root, split, data_format),
-                         corpus_path, retriever, topk)
+                         corpus_path, retriever, topk, dense_index)
 
     @property
     def data_source(self) -> str:
@@ -370,7 +372,8 @@ class SearchQAGenEnv(_SearchQABase):
 
     def __init__(self, split: str = "train", max_steps: int = 4, render_mode: str | None = None,
                  questions_per_family: int | None = None, data_seed: int = 0, world_scale: float = 1.0,
-                 retriever: str | Retriever = "bm25", topk: int = DEFAULT_TOPK) -> None:
+                 retriever: str | Retriever = "bm25", topk: int = DEFAULT_TOPK,
+                 dense_index: str | os.PathLike | None = None) -> None:
         if split not in searchqa_gen.SPLITS:
             raise ValueError(f"unknown split {split!r} for craft/SearchQAGen-v0; valid: {list(searchqa_gen.SPLITS)}")
         counts = dict(searchqa_gen.DEFAULT_QUESTIONS_PER_FAMILY)
@@ -379,7 +382,8 @@ class SearchQAGenEnv(_SearchQABase):
         self.config = searchqa_gen.GenConfig(seed=int(data_seed), questions_per_family=counts,
                                              world_scale=float(world_scale))
         root = searchqa_gen.cached_dataset(self.config)
-        super().__init__(split, max_steps, render_mode, root, root / f"{split}.jsonl", None, retriever, topk)
+        super().__init__(split, max_steps, render_mode, root, root / f"{split}.jsonl", None, retriever, topk,
+                         dense_index)
 
     @property
     def data_source(self) -> str:

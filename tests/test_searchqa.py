@@ -331,16 +331,68 @@ def test_server_responses_without_scores_and_bad_shapes() -> None:
         HTTPRetriever("http://127.0.0.1:9/retrieve", timeout_s=2).search(["q"])
 
 
-def test_dense_retriever_says_what_is_missing(official_root: Path) -> None:
-    try:
-        import faiss  # noqa: F401
-        import sentence_transformers  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match=r"craft-bench\[dense\]"):
-            DenseRetriever(Corpus(official_root / "corpus.jsonl"), "/nonexistent/e5")
-    else:
-        with pytest.raises(FileNotFoundError, match="not a local directory"):
-            DenseRetriever(Corpus(official_root / "corpus.jsonl"), "/nonexistent/e5")
+def _tiny_encoder(directory: Path, texts: list[str]) -> Path:
+    """A randomly initialised 2-layer BERT with a WordPiece vocabulary trained on `texts`, saved locally: the dense
+    retriever's code path without any download."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(directory)
+    config = BertConfig(vocab_size=fast.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def test_dense_retriever_ranks_by_inner_product_and_caches_its_index(official_root: Path, tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    import numpy as np
+
+    corpus = Corpus(official_root / "corpus.jsonl")
+    contents = list(corpus.iter_contents())
+    model = _tiny_encoder(tmp_path / "tiny-e5", contents)
+    dense = DenseRetriever(corpus, model)
+    index_files = sorted(corpus.cache.glob("faiss-*.index"))
+    assert len(index_files) == 1
+    built_at = index_files[0].stat().st_mtime_ns
+    passages = dense.embed(["passage: " + text for text in contents])
+    for query in ["capital", "founded in 1805", "painter"]:
+        scores = passages @ dense.embed(["query: " + query])[0]
+        hits = dense.search([query], topk=3)[0]
+        assert [h["score"] for h in hits] == pytest.approx(sorted(scores, reverse=True)[:3], abs=1e-5)
+        assert [h["document"]["contents"] for h in hits][0] == contents[int(np.argmax(scores))]
+    again = DenseRetriever(corpus, model, index_path=index_files[0])
+    assert again.search(["capital"])[0] == dense.search(["capital"])[0]
+    DenseRetriever(corpus, model)
+    assert index_files[0].stat().st_mtime_ns == built_at  # reused, not rebuilt
+    other = tmp_path / "corpus.jsonl"
+    other.write_text("".join(line + "\n" for line in (official_root / "corpus.jsonl").read_text().splitlines()[:5]))
+    with pytest.raises(ValueError, match="same corpus"):
+        DenseRetriever(Corpus(other), model, index_path=index_files[0])
+
+
+def test_dense_retriever_says_what_is_missing(official_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if the `dense` extra were not installed
+    with pytest.raises(ImportError, match=r"craft-bench\[dense\]"):
+        DenseRetriever(Corpus(official_root / "corpus.jsonl"), "/nonexistent/e5")
+
+
+def test_dense_retriever_wants_a_local_model(official_root: Path) -> None:
+    pytest.importorskip("faiss")
+    with pytest.raises(FileNotFoundError, match="not a local directory"):
+        DenseRetriever(Corpus(official_root / "corpus.jsonl"), "/nonexistent/e5")
 
 
 # ================================================================================================ episodes
