@@ -1,9 +1,13 @@
 """`python -m craft_bench.run`: train and evaluate one or more methods and seeds, write each run's CSVs, print a table.
 With only `--method`, it runs the embedded default: generated ALFWorld tasks and the tiny model, on the CPU.
 
-A run directory `runs/<env>__<method>__<model>__s<seed>/` holds config.json, metrics.csv (one row per step), eval.csv
-(one row per evaluation episode), result.csv (its leaderboard row), checkpoint.pt and final_model/. `--resume` picks
-up after any interruption without losing a finished step; `--eval-only` evaluates without training.
+A run directory `runs/<env>__<method>__<model>__<config id>__s<seed>/` holds config.json, metrics.csv (one row per
+step), eval.csv (one row per evaluation episode), result.csv (its leaderboard row), checkpoint.pt (with its
+checkpoint.pt.sha256) and final_model/. The config id hashes every setting that changes results (--set values and
+method options included), so two configurations never share a directory; one process at a time holds a directory
+(`.lock`). `--resume` picks up after any interruption without losing a finished step; `--eval-only` evaluates the
+run's final_model/ (else its checkpoint, else the initial model, and says which) into eval_only.csv and
+eval_only_result.csv, never touching the training outputs. Bad settings are refused before anything is created.
 """
 
 from __future__ import annotations
@@ -16,27 +20,46 @@ import platform
 import re
 import sys
 import time
-from dataclasses import asdict
+import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from craft_bench.agents.methods import METHOD_NAMES
+from craft_bench.agents.checkpoint import CheckpointError, NonFiniteError, digest_path, load_checkpoint
+from craft_bench.agents.methods import METHOD_NAMES, make_method
 from craft_bench.agents.policy import count_parameters
+from craft_bench.agents.run_files import (
+    ConfigError,
+    RunLock,
+    RunLockedError,
+    config_differences,
+    read_metrics,
+    validate_train_config,
+    write_json_atomic,
+    write_text_atomic,
+)
 from craft_bench.agents.trainer import (
+    CHECKPOINT_FILE,
     CONFIG_FILE,
+    CPU_PRESET,
     EVAL_FILE,
     FINAL_MODEL_DIR,
-    CPU_PRESET,
+    METRICS_FILE,
     PAPER_PRESET,
     TrainConfig,
     Trainer,
-    write_json,
 )
 
 RESULT_FILE = "result.csv"
+EVAL_ONLY_FILE = "eval_only.csv"
+EVAL_ONLY_RESULT_FILE = "eval_only_result.csv"
+#: The trained model's TrainState, beside final_model/'s weights: what --eval-only reports as train_steps.
+FINAL_STATE_FILE = "craft_bench_state.json"
 PRESETS = {"cpu": CPU_PRESET, "paper": PAPER_PRESET}
+#: Fields that --set may not change, and the flag that does.
+FLAG_FIELDS = {"seed": "--seeds (e.g. --seeds 0,1,2)", "method": "--method"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_configs(args: argparse.Namespace) -> list[TrainConfig]:
     """One TrainConfig per (method, seed), seed-major: every method gets seed 0 before any gets seed 1, so an
-    interrupted multi-seed call has already compared all methods on the seeds it finished."""
+    interrupted multi-seed call has already compared all methods on the seeds it finished.
+
+    Every check that can fail runs here, before any directory is created: flags, methods and their options, seeds,
+    the type and range of every setting, the environment id, the model path and the device."""
     methods = [m.strip() for group in args.method for m in group.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown:
@@ -74,6 +100,8 @@ def build_configs(args: argparse.Namespace) -> list[TrainConfig]:
         raise SystemExit(f"error: --seeds must be comma-separated integers, got {args.seeds!r}") from None
     if not seeds:
         raise SystemExit("error: --seeds is empty")
+    if args.eval_only and (args.resume or args.overwrite):
+        raise SystemExit("error: --eval-only evaluates an existing run as it is; it cannot be combined with --resume or --overwrite")
     base: dict[str, Any] = json.loads(json.dumps(PRESETS[args.preset]))
     base["env_id"] = args.env
     base["model"] = args.model
@@ -85,62 +113,237 @@ def build_configs(args: argparse.Namespace) -> list[TrainConfig]:
         base["num_workers"] = args.num_workers
     for item in args.overrides:
         key, value = _key_value(item, "--set")
+        if key in FLAG_FIELDS:
+            raise SystemExit(f"error: --set {key} is not a setting of one run; use {FLAG_FIELDS[key]}")
         base[key] = value
     options = dict(base.pop("method_options", {}))
     for item in args.method_options:
         key, value = _key_value(item, "--option")
         options[key] = value
+    try:
+        validate_train_config({**base, "method_options": options, "seed": seeds[0]}, TrainConfig)
+        for seed in seeds:
+            validate_train_config({"seed": seed}, TrainConfig)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    _check_env(base["env_id"])
+    _check_model(base["model"])
+    _check_device(base.get("device", TrainConfig().device))
     configs = []
     for seed in seeds:
         for method in methods:
             try:
+                make_method(method, **options)  # unknown or bad method options fail here, not after the start
                 configs.append(TrainConfig.from_dict({**base, "method": method, "seed": seed, "method_options": dict(options)}))
             except (TypeError, ValueError) as error:
                 raise SystemExit(f"error: {error}") from None
     return configs
 
 
+def _check_env(env_id: str) -> None:
+    import gymnasium as gym
+
+    import craft_bench  # noqa: F401  (registers the craft/* ids)
+
+    if env_id not in gym.registry:
+        valid = sorted(k for k in gym.registry if k.startswith("craft/"))
+        raise SystemExit(f"error: unknown environment {env_id!r}; valid: {', '.join(valid)}")
+
+
+def _check_model(model: str) -> None:
+    """A --model that names a local path must exist; hub ids (`org/name`) and "tiny" are checked when loaded."""
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1
+    if looks_like_path and not path.exists():
+        raise SystemExit(
+            f"error: --model {model}: no such file or directory (give a local model directory, a hub id such as "
+            "Qwen/Qwen2.5-0.5B-Instruct, or tiny)"
+        )
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"error: --device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise SystemExit(f"error: --device {device}: this torch build ({torch.__version__}) has no CUDA support; use --device cpu, or install a CUDA build of torch")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise SystemExit(f"error: --device {device}: no CUDA device is visible (torch {torch.__version__}); use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise SystemExit(f"error: --device {device}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1})")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device {device}: MPS is not available on this machine; use --device cpu")
+
+
+def run_id(config: TrainConfig) -> str:
+    """The configuration's id (leaderboard.identity): every setting that changes results except the ones in the run
+    name itself (env, method, model, split, seed); the same id names the run's leaderboard entry."""
+    from craft_bench.leaderboard.identity import config_id, run_config
+
+    return config_id(run_config(asdict(config), make_method(config.method, **config.method_options).config))
+
+
 def run_name(config: TrainConfig) -> str:
-    """`<env>__<method>__<model>__s<seed>`, file-system safe."""
+    """`<env>__<method>__<model>__<config id>__s<seed>`, file-system safe."""
     env = config.env_id.split("/")[-1]
     model = Path(config.model).name if config.model != "tiny" else "tiny"
-    parts = [env, config.method, model, f"s{config.seed}"]
-    if config.method_options:
-        parts.insert(2, hashlib.sha256(json.dumps(config.method_options, sort_keys=True).encode()).hexdigest()[:8])
+    parts = [env, config.method, model, run_id(config), f"s{config.seed}"]
     return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts)
 
 
 def run_one(config: TrainConfig, out: Path, *, resume: bool, eval_only: bool, overwrite: bool, progress: bool, loggers: list[str]) -> dict[str, Any]:
-    """Train (unless eval-only), evaluate, write the run's files; returns its leaderboard row."""
-    from craft_bench.leaderboard import make_result_row, write_result_csv
+    """Train (unless eval-only), evaluate, write the run's files; returns its leaderboard row.
 
+    The run directory is locked for the whole call, so a second process is refused (naming this one's pid) instead
+    of writing every step twice. A start that fails before writing anything removes the directory it created."""
     run_dir = out / run_name(config)
-    existing = run_dir / CONFIG_FILE
-    if existing.exists() and not (resume or eval_only or overwrite):
-        raise SystemExit(f"error: {run_dir} already exists; pass --resume to continue it, --eval-only to evaluate it, or --overwrite to start over")
-    if overwrite and run_dir.exists():
-        for name in (CONFIG_FILE, "metrics.csv", EVAL_FILE, RESULT_FILE, "checkpoint.pt"):
-            (run_dir / name).unlink(missing_ok=True)
+    created = [d for d in (out, run_dir) if not d.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, run_dir, progress=progress, loggers=_make_loggers(loggers, run_dir, config))
+    lock = RunLock(run_dir)
     try:
-        resumed = trainer.load_checkpoint() if (resume or eval_only) else False
-        if not (eval_only and resumed):
-            write_json(run_dir / CONFIG_FILE, _config_record(config, trainer))
-        if not eval_only:
-            trainer.train()
-            trainer.save_final_model()
-        tick = time.perf_counter()
-        records = trainer.evaluate()
-        eval_s = time.perf_counter() - tick
-        pd.DataFrame(records).to_csv(run_dir / EVAL_FILE, index=False)
-        row = make_result_row(**_result_fields(config, trainer, records, eval_s))
-        write_result_csv(run_dir / RESULT_FILE, [row])
-        return row
+        lock.acquire()
+    except RunLockedError as error:
+        raise SystemExit(f"error: {error}") from None
+    try:
+        if eval_only:
+            return _evaluate_only(config, run_dir, progress=progress)
+        return _train_and_evaluate(config, run_dir, resume=resume, overwrite=overwrite, progress=progress, loggers=loggers)
+    except (CheckpointError, NonFiniteError) as error:
+        raise SystemExit(f"error: {error}") from None
+    finally:
+        lock.release()
+        for folder in reversed(created):  # only what this call created, and only if nothing else is in it
+            if folder == run_dir and {p.name for p in folder.iterdir()} <= {".lock"}:
+                (folder / ".lock").unlink(missing_ok=True)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+#: Everything a training run writes, removed by --overwrite (eval_only files and loggers' folders stay).
+TRAINING_OUTPUTS = (CONFIG_FILE, METRICS_FILE, EVAL_FILE, RESULT_FILE, CHECKPOINT_FILE, digest_path(CHECKPOINT_FILE).name, FINAL_MODEL_DIR)
+
+
+def _train_and_evaluate(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool, progress: bool, loggers: list[str]) -> dict[str, Any]:
+    existing = [name for name in TRAINING_OUTPUTS if (run_dir / name).exists()]
+    if existing and not (resume or overwrite):
+        raise SystemExit(f"error: {run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, --eval-only to evaluate it, or --overwrite to start over")
+    if overwrite:
+        for name in TRAINING_OUTPUTS:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    trainer = _start_trainer(config, run_dir, progress=progress)
+    try:
+        trainer.loggers = _make_loggers(loggers, run_dir, config)
+        policy_sha256 = _weights_sha256(trainer)  # the initial weights, before a checkpoint replaces them
+        try:
+            resumed = trainer.load_checkpoint() if resume else False
+        except ValueError as error:  # a different config in the checkpoint
+            raise SystemExit(f"error: {error}") from None
+        if resume and not resumed:
+            print(f"{run_dir}: no checkpoint to resume, starting at step 0", file=sys.stderr)
+        write_json_atomic(run_dir / CONFIG_FILE, {**_config_record(config, trainer), "policy_sha256": policy_sha256})
+        trainer.train()
+        trainer.save_final_model()
+        write_json_atomic(run_dir / FINAL_MODEL_DIR / FINAL_STATE_FILE, asdict(trainer.state))
+        return _evaluate_into(config, trainer, run_dir / EVAL_FILE, run_dir / RESULT_FILE, policy_sha256)
     finally:
         trainer.close()
         for logger in trainer.loggers:
             logger.close()
+
+
+def _evaluate_only(config: TrainConfig, run_dir: Path, *, progress: bool) -> dict[str, Any]:
+    """Evaluate the run's trained weights (final_model/, else the checkpoint, else the initial model) into
+    eval_only.csv and eval_only_result.csv. Reads the training outputs, never writes them."""
+    final = run_dir / FINAL_MODEL_DIR
+    checkpoint = run_dir / CHECKPOINT_FILE
+    policy_sha256 = _recorded_policy_sha256(run_dir)
+    if (final / "config.json").is_file():
+        trainer = _start_trainer(replace(config, model=str(final)), run_dir, progress=progress)
+        steps, source = _final_model_steps(run_dir)
+        trainer.state.step = steps
+        what = f"{final} ({steps} training steps, from {source})"
+    elif checkpoint.exists():
+        trainer = _start_trainer(config, run_dir, progress=progress)
+        try:
+            policy_sha256 = policy_sha256 or _weights_sha256(trainer)
+            payload = load_checkpoint(checkpoint, config.device)
+            differing = config_differences(payload["config"], asdict(config), asdict(TrainConfig()))
+            if differing:
+                raise SystemExit(f"error: {checkpoint} was made with other settings ({', '.join(differing)} differ)")
+            trainer.model.load_state_dict(payload["model"])
+            trainer.state = type(trainer.state)(**payload["state"])
+        except BaseException:
+            trainer.close()
+            raise
+        what = f"{checkpoint} (no final_model/: the run stopped after {trainer.state.step} of {config.steps} steps)"
+    else:
+        trainer = _start_trainer(config, run_dir, progress=progress)
+        policy_sha256 = _weights_sha256(trainer)
+        what = f"the initial model {config.model} ({run_dir} holds no trained model: neither final_model/ nor {CHECKPOINT_FILE})"
+        siblings = sorted(p.name for p in run_dir.parent.glob(re.sub(r"__[0-9a-f]{8}__s", "__*__s", run_dir.name)) if p != run_dir)
+        if siblings:
+            what += f"; runs of the same method, model and seed with other settings (see their config.json): {', '.join(siblings)}"
+    print(f"eval-only: evaluating {what}", file=sys.stderr)
+    try:
+        return _evaluate_into(config, trainer, run_dir / EVAL_ONLY_FILE, run_dir / EVAL_ONLY_RESULT_FILE, policy_sha256)
+    finally:
+        trainer.close()
+
+
+def _weights_sha256(trainer: Trainer) -> str:
+    from craft_bench.leaderboard.identity import weights_sha256
+
+    return weights_sha256(trainer.model.state_dict())
+
+
+def _recorded_policy_sha256(run_dir: Path) -> str | None:
+    """The initial weights' hash the training run recorded in config.json, if any."""
+    try:
+        value = json.loads((run_dir / CONFIG_FILE).read_text()).get("policy_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else None
+
+
+def _final_model_steps(run_dir: Path) -> tuple[int, str]:
+    """How many steps final_model/ was trained for, and where that number comes from."""
+    state_file = run_dir / FINAL_MODEL_DIR / FINAL_STATE_FILE
+    if state_file.is_file():
+        try:
+            return int(json.loads(state_file.read_text())["step"]), state_file.name
+        except (ValueError, KeyError, TypeError):
+            pass
+    _, rows = read_metrics(run_dir / METRICS_FILE)
+    return len(rows), f"{METRICS_FILE} ({FINAL_STATE_FILE} is missing)"
+
+
+def _start_trainer(config: TrainConfig, run_dir: Path, *, progress: bool) -> Trainer:
+    """The Trainer, with a model or environment that cannot be loaded reported in one line."""
+    try:
+        return Trainer(config, run_dir, progress=progress)
+    except (OSError, ValueError, ImportError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SystemExit(f"error: could not start the run with --model {config.model} on {config.env_id}: {first}") from None
+
+
+def _evaluate_into(config: TrainConfig, trainer: Trainer, eval_path: Path, result_path: Path, policy_sha256: str | None) -> dict[str, Any]:
+    from craft_bench.leaderboard import make_result_row, write_result_csv
+
+    tick = time.perf_counter()
+    records = trainer.evaluate()
+    eval_s = time.perf_counter() - tick
+    write_text_atomic(eval_path, pd.DataFrame(records).to_csv(index=False))
+    row = make_result_row(**_result_fields(config, trainer, records, eval_s), policy_sha256=policy_sha256 or "unknown")
+    write_result_csv(result_path, [row])
+    return row
 
 
 def _result_fields(config: TrainConfig, trainer: Trainer, records: list[dict[str, Any]], eval_s: float) -> dict[str, Any]:
@@ -152,6 +355,7 @@ def _result_fields(config: TrainConfig, trainer: Trainer, records: list[dict[str
         by_type.setdefault(record["task_type"], []).append(float(record["won"]))
     env_meta = _env_metadata(config, trainer)
     state = trainer.state
+    scores = [r.get("task_score") for r in records]
     return {
         "env_id": config.env_id,
         "env_version": env_meta["env_version"],
@@ -159,7 +363,7 @@ def _result_fields(config: TrainConfig, trainer: Trainer, records: list[dict[str
         "data_sha256": env_meta["data_sha256"],
         "split": config.eval_split,
         "method": config.method,
-        "method_config": {**trainer.method.config, "eval_temperature": config.eval_temperature},
+        "method_config": _run_config(config, trainer),
         "teacher_context": env_meta["teacher_context"] if trainer.method.needs_teacher else "none",
         "model": config.model,
         "model_params": count_parameters(trainer.model),
@@ -175,6 +379,8 @@ def _result_fields(config: TrainConfig, trainer: Trainer, records: list[dict[str
         "per_task_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
         "wall_clock_s": round(state.wall_clock_s + eval_s, 3),
         "env_steps_per_s": round(state.env_steps / state.env_time_s, 3) if state.env_time_s > 0 else 0.0,
+        # Environments with a graded score (WebShop) report it per episode; the others have none ('NA').
+        "task_score": sum(scores) / n if all(isinstance(v, (int, float)) for v in scores) else None,
     }
 
 
@@ -196,6 +402,13 @@ def _env_metadata(config: TrainConfig, trainer: Trainer) -> dict[str, str]:
     }
 
 
+def _run_config(config: TrainConfig, trainer: Trainer) -> dict[str, Any]:
+    """The result row's method_config: every result-changing setting, hashed into the run id (leaderboard.identity)."""
+    from craft_bench.leaderboard.identity import run_config
+
+    return run_config(asdict(config), trainer.method.config)
+
+
 def _config_record(config: TrainConfig, trainer: Trainer) -> dict[str, Any]:
     import torch
     import transformers
@@ -204,6 +417,7 @@ def _config_record(config: TrainConfig, trainer: Trainer) -> dict[str, Any]:
 
     return {
         "config": asdict(config),
+        "run_id": run_id(config),
         "method_config": trainer.method.config,
         "eval_tasks": trainer.eval_tasks,
         "versions": {
@@ -238,9 +452,12 @@ def _summary(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from craft_bench.loggers import check_loggers
+
     args = parse_args(argv)
     configs = build_configs(args)
     loggers = [name.strip() for name in args.log.split(",") if name.strip() and name.strip() != "csv"]
+    check_loggers(loggers)
     out = Path(args.out)
     rows = []
     for config in configs:
