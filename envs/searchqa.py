@@ -243,6 +243,9 @@ def load_split(path: Path) -> list[QAItem]:
 
 
 # ================================================================================================ environments
+#: Parsed split files by (path, sha256), shared read-only by the envs of one process (a group runner's in-process
+#: pool makes B x G of them; parsing thousands of rows each time would dominate their construction).
+_LOADED_SPLITS: dict[tuple[str, str], dict[str, QAItem]] = {}
 class _SearchQABase(TextAgentEnv):
     """The engine shared by both ids: questions, a corpus and a retriever; search and answer."""
 
@@ -256,8 +259,11 @@ class _SearchQABase(TextAgentEnv):
             raise ValueError(f"topk must be >= 1, got {topk}")
         self.topk = int(topk)
         self.data_dir = data_dir
-        items = load_split(split_file)
-        self._items = {item.task_id: item for item in items}
+        split_sha = file_sha256(split_file)
+        key = (str(split_file.resolve()), split_sha)
+        if key not in _LOADED_SPLITS:
+            _LOADED_SPLITS[key] = {item.task_id: item for item in load_split(split_file)}
+        self._items = _LOADED_SPLITS[key]
         self._ids = sorted(self._items)
         corpus_file = Path(corpus_path).expanduser() if corpus_path is not None else data_dir / "corpus.jsonl"
         # Only the local retrievers read the corpus: a server has its own, a Retriever instance brings its own.
@@ -266,7 +272,7 @@ class _SearchQABase(TextAgentEnv):
             raise FileNotFoundError(MISSING_DATA_HINT.format(reason=f"corpus file {corpus_file} does not exist"))
         self.corpus = Corpus(corpus_file) if corpus_file.is_file() else None
         self.retriever = make_retriever(retriever, self.corpus, dense_index)
-        identity = {"split_file": file_sha256(split_file),
+        identity = {"split_file": split_sha,
                     "corpus": self.corpus.sha256 if self.corpus is not None else self.retriever.name}
         self.data_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         self._item: QAItem | None = None
