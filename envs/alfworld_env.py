@@ -10,12 +10,14 @@ import os
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from craft_bench.envs import alfworld_gen
 from craft_bench.envs.alfworld_skills import strategy
 from craft_bench.envs.base import EngineStep, TaskStart, TextAgentEnv, normalize_action
+from craft_bench.envs.cache import clear_command
 
 #: Verbs whose PDDL effects only mark something as `checked`, which no goal mentions: the plan stays valid.
 PLAN_PRESERVING_VERBS = ("look", "inventory", "examine ", "help")
@@ -29,6 +31,7 @@ MISSING_DATA_HINT = (
     "ALFWorld-domain games offline with no download."
 )
 OFFICIAL_SPLITS = ("train", "valid_seen", "valid_unseen")
+CORRUPT_OFFICIAL_HINT = "the ALFWorld data is damaged; download it again with `alfworld-download -f` (into $ALFWORLD_DATA)"
 #: Plans remembered per env, keyed by (task, state): agents often come back to a state they left.
 PLAN_MEMO_SIZE = 4096
 
@@ -264,6 +267,14 @@ class _ALFWorldBase(TextAgentEnv):
         return {"alfworld_version": alfworld_gen.alfworld_version()}
 
 
+def load_json(path: Path, raw: bytes | None = None, hint: str = "") -> Any:
+    """A game or trajectory JSON file's contents, or a ValueError naming the file, the problem and `hint`."""
+    try:
+        return json.loads(path.read_bytes() if raw is None else raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({type(error).__name__}: {error}); {hint}") from error
+
+
 # ================================================================================================== official data
 def _official_root(data_path: str | os.PathLike | None) -> Path:
     raw = data_path if data_path is not None else os.environ.get("ALFWORLD_DATA")
@@ -295,10 +306,10 @@ def scan_official_split(root: Path, split: str, task_types: tuple[str, ...]) -> 
         if not game_path.is_file():
             continue
         traj_bytes = traj_path.read_bytes()
-        if json.loads(traj_bytes)["task_type"] not in task_types:
+        if load_json(traj_path, traj_bytes, CORRUPT_OFFICIAL_HINT).get("task_type") not in task_types:
             continue
         game_bytes = game_path.read_bytes()
-        if not json.loads(game_bytes).get("solvable", False):
+        if not load_json(game_path, game_bytes, CORRUPT_OFFICIAL_HINT).get("solvable", False):
             continue
         games[rel] = trial
         for part in (rel.encode(), traj_bytes, game_bytes):
@@ -313,7 +324,7 @@ class ALFWorldEnv(_ALFWorldBase):
     """
 
     def __init__(self, split: str = "valid_unseen", max_steps: int = 50, render_mode: str | None = None,
-                 data_path: str | os.PathLike | None = None, task_types: tuple[str, ...] | None = None,
+                 data_path: str | os.PathLike | None = None, task_types: str | Sequence[str] | None = None,
                  replan_every_step: bool = False) -> None:
         if split not in OFFICIAL_SPLITS:
             raise ValueError(f"unknown split {split!r} for craft/ALFWorld-v0; valid: {list(OFFICIAL_SPLITS)}")
@@ -334,11 +345,11 @@ class ALFWorldEnv(_ALFWorldBase):
 
     def _game_for(self, task_id: str) -> tuple[str, dict[str, Any]]:
         trial = self._games[task_id]
-        traj = json.loads((trial / "traj_data.json").read_text())
+        traj = load_json(trial / "traj_data.json", hint=CORRUPT_OFFICIAL_HINT)
         return str(trial / "game.tw-pddl"), traj
 
     def _goal_for(self, gamefile: str, traj: dict[str, Any]) -> tuple[str | dict[str, Any], str]:
-        data = json.loads(Path(gamefile).read_text())
+        data = load_json(Path(gamefile), hint=CORRUPT_OFFICIAL_HINT)
         match = _GOAL_IN_GRAMMAR.search(data["grammar"])
         if match and match["goal"] != "UNKNOWN GOAL":
             return gamefile, match["goal"]
@@ -358,12 +369,19 @@ def _templated_goal(traj: dict[str, Any]) -> str:
                            toggle=params["toggle_target"].lower(), mrecep=params["mrecep_target"].lower())
 
 
-def _check_task_types(task_types: tuple[str, ...] | None) -> tuple[str, ...]:
+def _check_task_types(task_types: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The chosen task types in ALFWorld's order; one name is accepted for a one-type tuple."""
+    valid = list(alfworld_gen.TASK_TYPES)
     if task_types is None:
         return alfworld_gen.TASK_TYPES
-    unknown = set(task_types) - set(alfworld_gen.TASK_TYPES)
+    if isinstance(task_types, str):
+        task_types = (task_types,)  # not its characters
+    if not isinstance(task_types, Sequence) or not all(isinstance(t, str) for t in task_types):
+        raise ValueError(f"task_types must be a task type name or a sequence of them (valid: {valid}), got "
+                         f"{type(task_types).__name__}: {task_types!r:.200}")
+    unknown = set(task_types) - set(valid)
     if unknown or not task_types:
-        raise ValueError(f"unknown task types {sorted(unknown)}; valid: {list(alfworld_gen.TASK_TYPES)}")
+        raise ValueError(f"task_types: unknown task types {sorted(unknown)}; valid: {valid}")
     return tuple(t for t in alfworld_gen.TASK_TYPES if t in task_types)
 
 
@@ -379,11 +397,13 @@ class ALFWorldGenEnv(_ALFWorldBase):
     """
 
     def __init__(self, split: str = "train", max_steps: int = 50, render_mode: str | None = None,
-                 tasks_per_type: int | None = None, task_types: tuple[str, ...] | None = None,
+                 tasks_per_type: int | None = None, task_types: str | Sequence[str] | None = None,
                  replan_every_step: bool = False) -> None:
         if split not in alfworld_gen.SPLITS:
             raise ValueError(f"unknown split {split!r} for craft/ALFWorldGen-v0; valid: {list(alfworld_gen.SPLITS)}")
-        self.tasks_per_type = DEFAULT_TASKS_PER_TYPE[split] if tasks_per_type is None else int(tasks_per_type)
+        if tasks_per_type is not None and (isinstance(tasks_per_type, bool) or not isinstance(tasks_per_type, int)):
+            raise ValueError(f"tasks_per_type must be an int, got {type(tasks_per_type).__name__}: {tasks_per_type!r}")
+        self.tasks_per_type = DEFAULT_TASKS_PER_TYPE[split] if tasks_per_type is None else tasks_per_type
         if not 1 <= self.tasks_per_type <= alfworld_gen.MAX_TASKS_PER_TYPE:
             raise ValueError(f"tasks_per_type must be in [1, {alfworld_gen.MAX_TASKS_PER_TYPE}], got {tasks_per_type}")
         self.task_types = _check_task_types(task_types)
@@ -398,8 +418,8 @@ class ALFWorldGenEnv(_ALFWorldBase):
         return "generated"
 
     def _game_for(self, task_id: str) -> tuple[str, dict[str, Any]]:
-        directory = alfworld_gen.cached_game(task_id)
-        traj = json.loads((directory / "traj_data.json").read_text())
+        directory = alfworld_gen.cached_game(task_id)  # checked against its manifest, regenerated if corrupt
+        traj = load_json(directory / "traj_data.json", hint=f"clear the entry with `{clear_command(directory)}`")
         return str(directory / "game.tw-pddl"), traj
 
     def _goal_for(self, gamefile: str, traj: dict[str, Any]) -> tuple[str | dict[str, Any], str]:

@@ -100,7 +100,9 @@ def normalize_action(action: str, aliases: dict[str, str] | None = None) -> str:
     (e.g. "put ") to its replacement.
     """
     text = unicodedata.normalize("NFKC", action).lower()
-    text = re.sub(r"\s+", " ", text).strip().rstrip(".!").strip()
+    # Trailing periods and exclamation marks go with any spaces between them ("open door . !" is "open door"), so
+    # that normalising twice changes nothing.
+    text = re.sub(r"[ .!]+$", "", re.sub(r"\s+", " ", text).strip())
     for short, full in (aliases or {}).items():
         if text == short:
             return full
@@ -126,12 +128,14 @@ class TextAgentEnv(gym.Env[str, str], ABC):
     action_format: ActionFormat = CHOOSE_ADMISSIBLE
 
     def __init__(self, split: str = "train", max_steps: int = 50, render_mode: str | None = None):
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
+            raise ValueError(f"max_steps must be an int >= 1, got {type(max_steps).__name__}: {max_steps!r}")
+        if not isinstance(split, str):
+            raise ValueError(f"split must be a str, got {type(split).__name__}: {split!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.split = split
-        self.max_steps = max_steps
+        self.max_steps = int(max_steps)
         self.render_mode = render_mode
         self.observation_space = spaces.Text(MAX_OBSERVATION_CHARS, min_length=1, charset=TEXT_CHARSET)
         self.action_space = spaces.Text(MAX_ACTION_CHARS, min_length=0, charset=TEXT_CHARSET)
@@ -143,6 +147,9 @@ class TextAgentEnv(gym.Env[str, str], ABC):
         self._done = True
         self._last_obs = ""
         self._admissible: list[str] = []
+        # Set when a reset failed part-way (e.g. on a corrupt cached game): the engine may hold half a task, so the
+        # env refuses `step` with this message until a reset succeeds, instead of playing on under the new task id.
+        self._failed_reset: str | None = None
 
     # ------------------------------------------------------------------ engine hooks
     @property
@@ -219,23 +226,42 @@ class TextAgentEnv(gym.Env[str, str], ABC):
                     "see env.unwrapped.task_ids"
                 )
         elif "task_index" in options:
-            task_id = tasks[int(options["task_index"]) % len(tasks)]
+            index = options["task_index"]
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+                raise ValueError(
+                    f"reset option task_index must be an int (taken modulo the split's {len(tasks)} tasks), got "
+                    f"{type(index).__name__}: {index!r:.80}"
+                )
+            task_id = tasks[int(index) % len(tasks)]
         else:
             task_id = tasks[int(self.np_random.integers(len(tasks)))]
 
-        self._task_id = task_id
-        self._start = self._start_task(task_id)
-        self._step_count = 0
-        self._won = False
-        self._progress = 0.0
+        # Nothing of the previous episode survives a reset that fails part-way: the env holds no episode then.
+        # (`_task_id` is set first because engine hooks read it while they start the task.)
+        self._task_id, self._start, self._done = task_id, None, True
+        self._failed_reset = f"the last reset (task {task_id!r}) failed"
+        try:
+            start = self._start_task(task_id)
+            self._start = start
+            self._step_count = 0
+            self._won = False
+            self._progress = 0.0
+            self._admissible = self._admissible_actions()
+            self._last_obs = clean_text(start.feedback) or INVALID_ACTION_FEEDBACK
+            info = self._info(action_valid=True)
+        except BaseException as error:
+            self._task_id, self._start, self._done, self._last_obs = None, None, True, ""
+            self._failed_reset += f" ({type(error).__name__}: {str(error).strip()[:300]})"
+            raise
+        self._failed_reset = None
         self._done = False
-        self._admissible = self._admissible_actions()
-        self._last_obs = clean_text(self._start.feedback) or INVALID_ACTION_FEEDBACK
-        return self._last_obs, self._info(action_valid=True)
+        return self._last_obs, info
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
         if not isinstance(action, str):
             raise TypeError(f"action must be a str (a text command), got {type(action).__name__}: {action!r:.80}")
+        if self._failed_reset is not None:
+            raise RuntimeError(f"{self._failed_reset}, so this env holds no episode; call reset() again")
         if self._start is None:
             raise RuntimeError("call reset() before step()")
         if self._done:

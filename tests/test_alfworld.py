@@ -215,6 +215,33 @@ def test_bad_arguments_are_rejected() -> None:
         alfworld_gen.parse_task_id("valid_seen/whatever")
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"task_types": "pick_and_place_sim"}, r"task_types: unknown task types \['pick_and_place_sim'\]"),
+        ({"task_types": 3}, "task_types must be a task type name or a sequence of them"),
+        ({"max_steps": "10"}, "max_steps must be an int >= 1, got str"),
+        ({"max_steps": 2.5}, "max_steps must be an int >= 1, got float"),
+        ({"max_steps": 0}, "max_steps must be an int >= 1"),
+        ({"tasks_per_type": "3"}, "tasks_per_type must be an int, got str"),
+    ],
+)
+def test_badly_typed_arguments_name_the_argument(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ALFWorldGenEnv(split="train", **kwargs)
+
+
+def test_one_task_type_name_is_accepted_as_a_one_type_tuple() -> None:
+    assert ALFWorldGenEnv(split="train", task_types="pick_and_place_simple").task_types == ("pick_and_place_simple",)
+
+
+@pytest.mark.parametrize("index", ["3", 1.5, None, True])
+def test_a_task_index_that_is_not_an_int_is_an_error_naming_it(index) -> None:
+    env = ALFWorldGenEnv(split="valid", tasks_per_type=1)
+    with pytest.raises(ValueError, match="task_index must be an int"):
+        env.reset(options={"task_index": index})
+
+
 def test_task_list_is_cheap_and_lazy() -> None:
     env = ALFWorldGenEnv(split="train", tasks_per_type=5000)
     assert len(env.task_ids) == 6 * 5000 and env.task_ids == sorted(env.task_ids)

@@ -228,6 +228,9 @@ def test_split_pools_are_disjoint_sorted_and_cost_no_compilation(shared_cache):
         ({"split": "dev"}, "unknown split"),
         ({"n_games": 0}, "n_games"),
         ({"family": []}, "family must be"),
+        ({"max_steps": "50"}, "max_steps must be an int >= 1, got str"),
+        ({"max_steps": 0}, "max_steps must be an int >= 1"),
+        ({"n_games": "2"}, "n_games must be an int"),
     ],
 )
 def test_bad_constructor_arguments_raise_a_clear_error(kwargs, message):
