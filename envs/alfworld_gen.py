@@ -462,8 +462,9 @@ def write_game(directory: Path, game: dict[str, Any], traj: dict[str, Any]) -> N
 
 
 def cached_game(task_id: str) -> Path:
-    """Directory holding `game.tw-pddl` and `traj_data.json` of a generated task, built on first use."""
-    from craft_bench.envs.cache import build_once, cache_dir
+    """Directory holding `game.tw-pddl` and `traj_data.json` of a generated task, built on first use. The entry
+    carries a manifest of its files' hashes, checked on load: a corrupt entry is regenerated (`cache.build_verified`)."""
+    from craft_bench.envs.cache import build_verified, cache_dir
 
     split, task_type, index = parse_task_id(task_id)
     target = cache_dir("alfworld-gen", f"v{GENERATOR_VERSION}", split) / f"{task_type}-{index:06d}"
@@ -471,7 +472,7 @@ def cached_game(task_id: str) -> Path:
     def build(path: Path) -> None:
         write_game(path, *generate_game(task_type, split, index))
 
-    return build_once(target, build)
+    return build_verified(target, build)
 
 
 def split_fingerprint(split: str, task_types: tuple[str, ...], tasks_per_type: int) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from craft_bench.envs.cache import build_once, cache_dir
+from craft_bench.envs.cache import build_verified, cache_dir
 
 #: Bump when the mapping from (family, level, seed) to a game changes, so that stale cached games are never reused.
 GAMES_REVISION = "g2"
@@ -140,11 +140,12 @@ def game_file(spec: GameSpec) -> Path:
     """The compiled game (`.z8`, its `.json` beside it) for `spec`, generated and compiled on first use.
 
     The entry lives under `$CRAFT_BENCH_HOME/textworld/<textworld version>-<revision>/` and is written through
-    `build_once`, so concurrent processes asking for the same game compile it once and never see a partial file.
+    `build_verified`, so concurrent processes asking for the same game compile it once and never see a partial
+    file, and a corrupt entry (checked against its manifest of hashes) is rebuilt.
     """
     check_family_level(spec.family, spec.level)
     root = cache_dir("textworld", f"textworld-{textworld_version()}-{GAMES_REVISION}")
-    entry = build_once(root / spec.task_id, lambda staged: _build_game(spec, staged))
+    entry = build_verified(root / spec.task_id, lambda staged: _build_game(spec, staged))
     return entry / "game.z8"
 
 
