@@ -5,7 +5,9 @@ Every env is driven by the same seeded random policy (a uniformly chosen admissi
 the runner does identical work with 1 and N workers. Step time excludes resets, which are timed and counted apart
 (they are dominated by loading game files, a different cost from stepping). Family-specific rows (raw engine, plan
 caching, ...) come from `craft_bench.bench._textworld` and `craft_bench.bench._alfworld`, imported lazily; a family
-whose module or env is not ready is skipped with the reason printed.
+whose module or env is not ready is skipped with the reason printed. The Search-QA and WebShop rows (index builds over
+100k documents, minutes) run only when asked: `--family-rows searchqa,webshop`. `--pool ray` adds the runner on Ray
+actors (`group runner on ray xN`, the same episodes, checked) beside the local rows, and its speed relative to them.
 
 On a shared machine wall time measures other processes' load as much as ours, so every row also gets an idle-core
 estimate from CPU time (for the runner: main process + the busiest worker of every round trip, which keeps the cost
@@ -67,6 +69,8 @@ class FamilyBench:
     takes_workers: bool
     raw_engine: str = "raw engine"
     one_env: str = "one env"
+    #: Rows that cost minutes (index builds over 100k documents) run only when named in --family-rows.
+    opt_in: bool = False
 
 
 FAMILIES = {
@@ -81,7 +85,15 @@ FAMILIES = {
     "alfworld": FamilyBench(
         ("craft/ALFWorld-v0", "craft/ALFWorldGen-v0"), "craft_bench.bench._alfworld", "alfworld_rows", True
     ),
+    "searchqa": FamilyBench(
+        ("craft/SearchQAGen-v0",), "craft_bench.bench._searchqa", "searchqa_rows", True, opt_in=True
+    ),
+    "webshop": FamilyBench(
+        ("craft/WebShopGen-v0",), "craft_bench.bench._webshop", "webshop_rows", False, opt_in=True
+    ),
 }
+#: The `what` prefix of the runner rows on Ray actors (`--pool ray`), beside the local "group runner xN" rows.
+RAY_RUNNER = "group runner on ray"
 
 
 @dataclass
@@ -183,20 +195,27 @@ def play_group_runner(
 
 def measure_env(
     env_id: str, env_kwargs: dict[str, Any], tasks: Sequence[str], group_size: int, worker_counts: Sequence[int],
-    n_steps: int, repeats: int, seed: int,
+    n_steps: int, repeats: int, seed: int, ray_options: dict[str, Any] | None = None,
 ) -> dict[str, RunnerTiming]:
-    """Best of `repeats` runs of each setting (the runner in process, then with each worker count), interleaved so
-    that a burst of load from other processes on this shared machine hits every setting alike; the first reset of
-    every task (engine start-up, game loading, in every worker) is untimed."""
-    runners = {workers: GroupRunner(env_id, env_kwargs, num_workers=workers) for workers in [0, *worker_counts]}
+    """Best of `repeats` runs of each setting (the runner in process, then with each worker count, then on Ray
+    actors with each worker count when `ray_options` holds GroupRunner's `ray_*` arguments), interleaved so that a
+    burst of load from other processes on this shared machine hits every setting alike; the first reset of every
+    task (engine start-up, game loading, in every worker) is untimed."""
+    runners: dict[str, GroupRunner] = {}
     try:
+        for workers in [0, *worker_counts]:
+            name = IN_PROCESS if workers == 0 else f"group runner x{workers}"
+            runners[name] = GroupRunner(env_id, env_kwargs, num_workers=workers)
+        if ray_options is not None:
+            for workers in worker_counts:
+                runners[f"{RAY_RUNNER} x{workers}"] = GroupRunner(
+                    env_id, env_kwargs, num_workers=workers, pool="ray", **ray_options
+                )
         for runner in runners.values():
             runner.reset(tasks, group_size, seed=seed)
         settings: dict[str, Callable[[], RunnerTiming]] = {
-            IN_PROCESS if workers == 0 else f"group runner x{workers}": (
-                lambda runner=runner: play_group_runner(runner, tasks, group_size, n_steps, seed)
-            )
-            for workers, runner in runners.items()
+            name: (lambda runner=runner: play_group_runner(runner, tasks, group_size, n_steps, seed))
+            for name, runner in runners.items()
         }
         best: dict[str, RunnerTiming] = {}
         for _ in range(repeats):
@@ -324,7 +343,21 @@ def main(argv: list[str] | None = None) -> None:
         "--env-kwargs", type=json.loads, default=None,
         help=f"JSON dict of kwargs for every env's runner rows (default: {json.dumps(DEFAULT_ENV_KWARGS)} by id)",
     )
+    parser.add_argument("--pool", choices=["local", "ray"], default="local",
+                        help="ray: also measure the runner on Ray actors (the same episodes), beside the local rows")
+    parser.add_argument("--ray-address", default=None,
+                        help="with --pool ray: None starts a local Ray, 'auto' joins a cluster, 'ray://host:port'")
+    parser.add_argument("--ray-cpus-per-worker", type=float, default=None,
+                        help="with --pool ray: CPUs each env actor reserves (default: min(1, cores / (1 + workers)), "
+                             "so that the x1 and xN runners' actors fit on this machine together)")
+    opt_in = sorted(name for name, bench in FAMILIES.items() if bench.opt_in)
+    parser.add_argument("--family-rows", default="",
+                        help=f"comma-separated opt-in family rows to add ({', '.join(opt_in)}): slow, they build "
+                             "indexes over 100k documents")
     args = parser.parse_args(argv)
+    wanted_opt_in = {name.strip() for name in args.family_rows.split(",") if name.strip()}
+    if wanted_opt_in - set(opt_in):
+        parser.error(f"unknown --family-rows {sorted(wanted_opt_in - set(opt_in))}; valid: {opt_in}")
     if min(args.steps, args.workers, args.tasks, args.group_size, args.repeats) < 1:
         parser.error("--steps, --workers, --tasks, --group-size and --repeats must all be >= 1")
     env_ids = [env_id.strip() for env_id in args.envs.split(",") if env_id.strip()]
@@ -335,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[BenchRow] = []
     notes: list[str] = []
     for family, bench in FAMILIES.items():
+        if bench.opt_in and family not in wanted_opt_in:
+            continue
         if any(env_id in bench.env_ids for env_id in env_ids):
             family_result, note = family_rows(family, args.steps, args.workers, env_ids)
             rows.extend(family_result)
@@ -342,6 +377,12 @@ def main(argv: list[str] | None = None) -> None:
                 notes.append(note)
 
     worker_counts = sorted({1, args.workers})
+    ray_options = None
+    if args.pool == "ray":
+        cpus = args.ray_cpus_per_worker
+        if cpus is None:
+            cpus = min(1.0, (os.cpu_count() or 1) / (1 + args.workers))
+        ray_options = {"ray_address": args.ray_address, "ray_cpus_per_worker": cpus}
     for env_id in env_ids:
         env_kwargs = DEFAULT_ENV_KWARGS.get(env_id, {}) if args.env_kwargs is None else args.env_kwargs
         try:
@@ -351,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
             notes.append(f"{env_id}: skipped runner rows ({type(error).__name__}: {first_line})")
             continue
         timings = measure_env(
-            env_id, env_kwargs, tasks, args.group_size, worker_counts, args.steps, args.repeats, args.seed
+            env_id, env_kwargs, tasks, args.group_size, worker_counts, args.steps, args.repeats, args.seed,
+            ray_options,
         )
         for name, timing in timings.items():
             shape = f"B={args.tasks} G={args.group_size}, "
@@ -360,8 +402,13 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(BenchRow(env_id, name, timing.steps_per_s, note, timing.idle_steps_per_s))
         if len({timing.fingerprint for timing in timings.values()}) != 1:
             notes.append(
-                f"{env_id}: WARNING the runner's results differed between in process and {worker_counts} workers"
+                f"{env_id}: WARNING the runner's results differed between its settings {sorted(timings)}"
             )
+        for workers in worker_counts if ray_options is not None else ():
+            ray_rate = timings[f"{RAY_RUNNER} x{workers}"].steps_per_s
+            local_rate = timings[f"group runner x{workers}"].steps_per_s
+            notes.append(f"{env_id}: Ray actors x{workers} run at {ray_rate / local_rate:.2f}x the local workers' "
+                         "steps/s on the same episodes")
 
     print(
         f"Environment steps per second ({args.steps} steps per measurement, best of {args.repeats}, "
