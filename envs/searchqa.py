@@ -246,6 +246,8 @@ def load_split(path: Path) -> list[QAItem]:
 #: Parsed split files by (path, sha256), shared read-only by the envs of one process (a group runner's in-process
 #: pool makes B x G of them; parsing thousands of rows each time would dominate their construction).
 _LOADED_SPLITS: dict[tuple[str, str], dict[str, QAItem]] = {}
+
+
 class _SearchQABase(TextAgentEnv):
     """The engine shared by both ids: questions, a corpus and a retriever; search and answer."""
 
