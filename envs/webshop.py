@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import threading
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from craft_bench.envs.base import ActionFormat, EngineStep, TaskStart, TextAgentEnv, normalize_action
+from craft_bench.envs.cache import build_once, cache_dir
 from craft_bench.envs.webshop_reward import (
     FUZZY_MATCH_THRESHOLD,
     NO_PRICE_BOUND,
@@ -68,6 +70,8 @@ _TOKEN = re.compile(r"(?u)\b\w+\b")
 _PRICE_CLAUSE = re.compile(r",? and price lower than [\d.]+ dollars$")
 _ACTION = re.compile(r"^(search|click)\s*\[(.*)\]$", re.DOTALL)
 SEARCH_MEMO_SIZE = 4096
+#: Bumped whenever loading, the indexed text or its analysis changes (part of the on-disk cache keys).
+CACHE_VERSION = "1"
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -80,17 +84,24 @@ class ProductSearch:
     ties broken by catalogue position (Lucene breaks them by document id, which is insertion order too).
     """
 
-    def __init__(self, documents: list[str]):
+    def __init__(self, documents: list[str] | None = None, saved: Path | None = None):
         import bm25s
         import Stemmer
 
         self._stem = Stemmer.Stemmer("porter").stemWords
         self._stop = frozenset(LUCENE_STOP_WORDS)
-        self.retriever = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
-        self.retriever.index([self.tokenize(doc) for doc in documents], show_progress=False)
+        if saved is not None:
+            # Memory-mapped: worker processes of one machine share the index through the page cache.
+            self.retriever = bm25s.BM25.load(str(saved), mmap=True, show_progress=False)
+        else:
+            self.retriever = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
+            self.retriever.index([self.tokenize(doc) for doc in documents or []], show_progress=False)
         self._vocab = self.retriever.vocab_dict
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def save(self, directory: Path) -> None:
+        self.retriever.save(str(directory), show_progress=False)
 
     def tokenize(self, text: str) -> list[str]:
         words = [w for w in _TOKEN.findall(text.lower()) if w not in self._stop]
@@ -140,13 +151,18 @@ class Catalogue:
     goals: list[dict[str, Any]]
     source_dir: Path
     setting: str
+    #: `files_key` of the data files: names the on-disk caches built from them.
+    key: str
     _search: ProductSearch | None = None
 
     @property
     def search(self) -> ProductSearch:
-        """The search index, built on first use (task lists and goals do not need it)."""
+        """The search index, built on first use (task lists and goals do not need it), once per machine: it is
+        saved under $CRAFT_BENCH_HOME/envs/webshop_index and memory-mapped from there."""
         if self._search is None:
-            self._search = ProductSearch([product_document(p) for p in self.products])
+            path = build_once(cache_dir("envs", "webshop_index") / f"{self.key}-bm25-{BM25_K1}-{BM25_B}",
+                              lambda tmp: ProductSearch([product_document(p) for p in self.products]).save(tmp))
+            self._search = ProductSearch(saved=path)
         return self._search
 
 
@@ -284,27 +300,44 @@ _CATALOGUES: dict[tuple[Any, ...], Catalogue] = {}
 _CATALOGUE_LOCK = threading.Lock()
 
 
-def load_catalogue(data_dir: Path, setting: str = "auto", price_seed: int = 0) -> Catalogue:
-    """The data set in `data_dir` (WebShop's file names), loaded once per process: envs of one data set share
-    the products, goals and search index, which are read-only."""
-    setting = resolve_setting(data_dir, setting)
+def files_key(data_dir: Path, setting: str) -> str:
+    """A key for on-disk caches derived from the data files: their resolved paths, sizes and mtimes."""
     files = [data_dir / f for f in (*FILE_NAMES[setting], HUMAN_INSTRUCTIONS_FILE)]
-    key = (str(data_dir.resolve()), setting, price_seed, tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return hashlib.sha256(json.dumps({"cache": CACHE_VERSION, "setting": setting, "files": stats}).encode()
+                          ).hexdigest()[:24]
+
+
+def _parse_files(data_dir: Path, setting: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    products_file, attributes_file = FILE_NAMES[setting]
+    products = process_products(json.loads((data_dir / products_file).read_text()),
+                                json.loads((data_dir / attributes_file).read_text()))
+    goals = human_goals(products, json.loads((data_dir / HUMAN_INSTRUCTIONS_FILE).read_text()))
+    return products, shuffle_goals(goals)
+
+
+def load_catalogue(data_dir: Path, setting: str = "auto", price_seed: int = 0) -> Catalogue:
+    """The data set in `data_dir` (WebShop's file names), loaded once per process (envs of one data set share the
+    read-only products, goals and search index) and parsed once per machine: the processed products and goals are
+    pickled under $CRAFT_BENCH_HOME/envs/webshop_catalogue (WebShop's full JSON takes minutes to parse)."""
+    setting = resolve_setting(data_dir, setting)
+    key = files_key(data_dir, setting)
     with _CATALOGUE_LOCK:
-        if key not in _CATALOGUES:
-            raw_products = json.loads(files[0].read_text())
-            attributes = json.loads(files[1].read_text())
-            human = json.loads(files[2].read_text())
-            products = process_products(raw_products, attributes)
-            _CATALOGUES[key] = Catalogue(
+        if (key, price_seed) not in _CATALOGUES:
+            parsed = build_once(cache_dir("envs", "webshop_catalogue") / f"{key}.pkl",
+                                lambda tmp: tmp.write_bytes(pickle.dumps(_parse_files(data_dir, setting),
+                                                                         protocol=pickle.HIGHEST_PROTOCOL)))
+            products, goals = pickle.loads(parsed.read_bytes())
+            _CATALOGUES[key, price_seed] = Catalogue(
                 products=products,
                 position={p["asin"]: i for i, p in enumerate(products)},
                 prices=product_prices(products, price_seed),
-                goals=shuffle_goals(human_goals(products, human)),
+                goals=goals,
                 source_dir=data_dir,
                 setting=setting,
+                key=key,
             )
-        return _CATALOGUES[key]
+        return _CATALOGUES[key, price_seed]
 
 
 _HASHES: dict[tuple[Any, ...], str] = {}

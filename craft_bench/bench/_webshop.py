@@ -1,6 +1,7 @@
-"""WebShop rows of `python -m craft_bench.bench envs`: the one-time cost of loading a 100k-product generated catalogue
-and building its BM25 index, search latency, and env steps/s under a random and an expert policy (run directly for
-just these rows: `python -m craft_bench.bench._webshop`).
+"""WebShop rows of `python -m craft_bench.bench envs`: on a 100k-product generated catalogue, the cost of parsing it
+and building its BM25 index (once per machine) and of loading both from the caches (every later process), search
+latency, and env steps/s under a random and an expert policy (run directly for just these rows:
+`python -m craft_bench.bench._webshop`).
 
 The catalogue is `craft/WebShopGen-v0` with 100,000 products (generated once and cached under $CRAFT_BENCH_HOME;
 generation itself is not timed). Searches use distinct instruction queries, each searched once with the query memo
@@ -28,19 +29,24 @@ def _env(n_products: int) -> Any:
 
 
 def load_and_index(n_products: int) -> dict[str, float]:
-    """Seconds to load the (cached) catalogue files and goals, and to build the search index, in a fresh env with
-    the in-process catalogue memo cleared."""
+    """CPU seconds of the once-per-machine work (parse WebShop's JSON files, build the BM25 index) and of what every
+    later process does instead (unpickle the parsed catalogue, memory-map the saved index)."""
     from craft_bench.envs import webshop
 
     env = _env(n_products)
-    env.data_dir  # generated and cached outside the timing
+    env.catalogue.search  # noqa: B018  (generation and the on-disk caches, untimed)
+    start = time.process_time()
+    products, _ = webshop._parse_files(env.data_dir, "all")
+    parsed = time.process_time()
+    webshop.ProductSearch([webshop.product_document(p) for p in products])
+    indexed = time.process_time()
     webshop._CATALOGUES.clear()
-    start = time.perf_counter()
-    catalogue = env.catalogue
-    loaded = time.perf_counter()
-    catalogue.search  # noqa: B018  (builds the index)
-    indexed = time.perf_counter()
-    return {"load_s": loaded - start, "index_s": indexed - loaded, "products": float(len(catalogue.products))}
+    catalogue = webshop.load_catalogue(env.data_dir, "all")
+    loaded = time.process_time()
+    catalogue.search  # noqa: B018
+    mapped = time.process_time()
+    return {"parse_s": parsed - start, "index_s": indexed - parsed, "cached_load_s": loaded - indexed,
+            "cached_index_s": mapped - loaded, "products": float(len(products))}
 
 
 def search_latency(n_products: int, n_queries: int) -> dict[str, float]:
@@ -108,10 +114,16 @@ def webshop_rows(n_steps: int, n_products: int = N_PRODUCTS, n_queries: int = 20
     """The WebShop rows: load + index (steps_per_s = products indexed per second), searches per second with their
     latency, and env steps per second under the random and the expert policy."""
     built = load_and_index(n_products)
-    rows = [_row("catalogue load + BM25 index", built["products"], built["load_s"] + built["index_s"],
-                 built["load_s"] + built["index_s"],
-                 f"{built['products']:.0f} products: load {built['load_s']:.1f} s, index {built['index_s']:.1f} s "
-                 "(steps/s column = products per second)")]
+    first = built["parse_s"] + built["index_s"]
+    cached = built["cached_load_s"] + built["cached_index_s"]
+    rows = [
+        _row("catalogue parse + BM25 index build", built["products"], first, first,
+             f"{built['products']:.0f} products, once per machine: parse {built['parse_s']:.1f} s, index "
+             f"{built['index_s']:.1f} s CPU (steps/s columns = products per second)"),
+        _row("catalogue load, cached", built["products"], cached, cached,
+             f"every later process: unpickle {built['cached_load_s']:.1f} s, memory-map index "
+             f"{built['cached_index_s']:.2f} s CPU (steps/s columns = products per second)"),
+    ]
     latency = search_latency(n_products, n_queries)
     row = _row("search, uncached", latency["searches"], latency["seconds"], latency["cpu_seconds"],
                f"{latency['searches']:.0f} distinct queries: p50 {latency['p50_ms']:.1f} ms, p95 "
