@@ -57,9 +57,10 @@ import numpy as np
 #: A worker that dies this many times in a row on the same request is considered broken, not unlucky.
 MAX_CONSECUTIVE_RESTARTS = 3
 #: Seconds one env call (reset, step, or one action of a replay) may take before its worker counts as hung. The
-#: slowest legitimate call measured here is an ALFWorldGen reset that generates its game on first use (about 2 s
-#: alone, see the README), and TextWorld's first reset of a game compiles it (0.5-3 s); 60 s leaves a 20x margin for
-#: a loaded machine, and still ends a hang within a minute.
+#: slowest legitimate call measured here (2 shared cores, load average 3.5-7): ALFWorldGen's first reset in a fresh
+#: process, which starts the engine and generates its game, 8.3 s; later resets that generate a game up to 1.5 s;
+#: steps up to 0.39 s (a two-object task's replan); TextWorld's first reset of a game compiles it (0.5-3 s). 60 s is
+#: a 7x margin over the worst of them, and still ends a hang within about two minutes (two tries).
 DEFAULT_TIMEOUT_S = 60.0
 #: A worker that has not finished starting (imports, first env construction excluded) after this many seconds, or
 #: `timeout_s` if larger, counts as hung: start-up is not an env call and takes seconds on a loaded machine.
@@ -776,6 +777,7 @@ class GroupRunner:
                     del pending[worker]
             for worker, loss in lost.items():
                 self.restarts += 1
+                self.timeouts += loss.timed_out
                 request = pending[worker]
                 culprit = self._culprit(request, loss)
                 if culprit is None:
@@ -789,7 +791,6 @@ class GroupRunner:
                             "tasks, or the worker cannot start (e.g. the env's entry point does not import)"
                         )
                 else:
-                    self.timeouts += 1
                     request = self._after_timeout(worker, request, culprit, payloads)
                 if request[0] == "step":
                     self._replay(worker)

@@ -243,3 +243,25 @@ def test_the_env_benchmark_summary_reads_family_rows_and_computes_the_ratios():
     assert summary == [
         env_id, "110", "100", "100", "80", "120", "+10.0% ok", "+10.0% ok", "+25.0%", "1.50x MISSED", "1.90x ok"
     ]
+
+
+def test_bad_pool_and_timeout_arguments_are_errors_naming_them():
+    with pytest.raises(ValueError, match="timeout_s must be a number of seconds > 0"):
+        GroupRunner(COUNTER_ENV_ID, num_workers=1, timeout_s=0)
+    with pytest.raises(ValueError, match=r"on_timeout must be one of \('error', 'truncate'\)"):
+        GroupRunner(COUNTER_ENV_ID, num_workers=1, on_timeout="skip")
+    with pytest.raises(ValueError, match="unknown pool 'dask'"):
+        GroupRunner(COUNTER_ENV_ID, num_workers=1, pool="dask")
+    with pytest.raises(TypeError, match="num_workers must be an int or None, got str"):
+        GroupRunner(COUNTER_ENV_ID, num_workers="2")
+    with pytest.raises(ValueError, match="pool='inprocess' runs one env host"):
+        GroupRunner(COUNTER_ENV_ID, num_workers=3, pool="inprocess")
+
+
+def test_env_calls_of_a_request_name_the_slot_that_a_hung_worker_was_on():
+    from craft_bench.envs.group_runner import request_calls
+
+    assert request_calls(("step", [(4, "add 1"), (6, "add 2")])) == [4, 6]
+    assert request_calls(("reset", [(1, "count-3-0", 9)])) == [1]
+    # A replay is one reset and one step per recorded action.
+    assert request_calls(("replay", [(0, "t", 9, ["a", "b"]), (2, "t", 9, [])])) == [0, 0, 0, 2]
