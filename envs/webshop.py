@@ -340,23 +340,22 @@ def load_catalogue(data_dir: Path, setting: str = "auto", price_seed: int = 0) -
         return _CATALOGUES[key, price_seed]
 
 
-_HASHES: dict[tuple[Any, ...], str] = {}
-
-
 def data_sha256(data_dir: Path, setting: str) -> str:
-    """sha256 over the data files' contents (memoised per file size and mtime: the full catalogue is gigabytes)."""
+    """sha256 over the data files' names and contents, computed once per machine (the full catalogue is
+    gigabytes) and kept beside the parsed catalogue, keyed by the files' paths, sizes and mtimes."""
     setting = resolve_setting(data_dir, setting)
-    files = [data_dir / f for f in (*FILE_NAMES[setting], HUMAN_INSTRUCTIONS_FILE)]
-    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        for f in files:
-            digest.update(f.name.encode())
-            with f.open("rb") as handle:
+
+    def digest(target: Path) -> None:
+        hasher = hashlib.sha256()
+        for name in (*FILE_NAMES[setting], HUMAN_INSTRUCTIONS_FILE):
+            hasher.update(name.encode())
+            with (data_dir / name).open("rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
+                    hasher.update(block)
+        target.write_text(hasher.hexdigest())
+
+    path = build_once(cache_dir("envs", "webshop_catalogue") / f"{files_key(data_dir, setting)}.sha256", digest)
+    return path.read_text().strip()
 
 
 def instruction_query(instruction: str) -> str:

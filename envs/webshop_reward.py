@@ -80,10 +80,10 @@ def title_nouns(title: str) -> list[str]:
 
     Product titles are Title Case, and spaCy tags nearly every capitalised content word of a title NOUN or PROPN;
     what it leaves out are numbers, punctuation and closed-class words. So: the lower-cased alphanumeric tokens
-    that hold a letter ("4k", "921orb"; dotted abbreviations such as "d.o.n" whole), minus `FUNCTION_WORDS`. Duplicates are kept, as in WebShop,
-    because its denominator is the length of this list. Where spaCy tags a title adjective or verb as such
-    (e.g. "breathable"), this keeps it: the approximation over-counts content words, which moves `title_score`
-    towards the overlap of all content words.
+    that hold a letter ("4k", "921orb"; dotted abbreviations such as "d.o.n" whole), minus `FUNCTION_WORDS`.
+    Duplicates are kept, as in WebShop, because its denominator is the length of this list. Where spaCy tags a
+    title word as an adjective or verb (e.g. "breathable"), this keeps it: the approximation over-counts content
+    words, which moves `title_score` towards the overlap of all content words.
     """
     return [
         word for word in _WORD.findall(title.lower())

@@ -5,6 +5,7 @@ privileged text never in an observation), and the official-format loader reads a
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -126,6 +127,10 @@ def test_the_official_loader_reads_the_small_layout_the_generator_writes(officia
     assert product["Attributes"] and product["options"] and product["Price"].startswith("$")
     for task_id in env.task_ids[:40]:
         assert play_expert(env, seed=0, options={"task_id": task_id})[0]["won"]
+    digest = hashlib.sha256()
+    for name in ("items_shuffle_1000.json", "items_ins_v2_1000.json", "items_human_ins.json"):
+        digest.update(name.encode() + (official_root / name).read_bytes())
+    assert env.reset(seed=0)[1]["data_sha256"] == digest.hexdigest()
     with pytest.raises(FileNotFoundError, match="items_shuffle.json"):
         WebShopEnv(data_dir=official_root, setting="all")
 
