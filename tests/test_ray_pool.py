@@ -93,3 +93,14 @@ def test_a_missing_ray_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'craft-bench\[ray\]'"):
         ray_pool.import_ray()
+
+
+def test_the_env_benchmark_prints_ray_rows_beside_the_local_rows_on_the_same_episodes(capsys):
+    from craft_bench.bench.envs import RAY_RUNNER, main
+
+    main(["--envs", COUNTER_ENV_ID, "--steps", "30", "--workers", "2", "--repeats", "1", "--group-size", "2",
+          "--pool", "ray", "--ray-cpus-per-worker", "0.5"])
+    output = capsys.readouterr().out
+    for row in ("group runner x1", "group runner x2", f"{RAY_RUNNER} x1", f"{RAY_RUNNER} x2"):
+        assert f"{COUNTER_ENV_ID}  {row}" in output
+    assert "Ray actors x2 run at" in output and "WARNING" not in output
