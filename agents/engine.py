@@ -1,11 +1,12 @@
-"""Rollout engines: sample responses token-in/token-out with the sampler's log-probs, and score fixed responses.
-A Hugging Face implementation (batched, KV cache, CPU or CUDA) and the differentiable scoring the trainer uses.
+"""Rollout engines: sample responses token-in/token-out with the sampler's log-probs; and `response_logprobs`, the
+one function that scores fixed responses (θ_old, the reference, the teacher, and the differentiable θ).
 
 Sampling, precisely (what the log-probs mean and what is reproducible):
 
 1. Each sample draws from `softmax(logits / T)` restricted to its top-p nucleus and renormalised; `Generation.logprobs`
    are the log-probs of the sampled tokens under exactly that distribution. At `T = 1, top_p = 1` they equal what
-   `score()` returns for the same ids (up to float rounding between the cached and the full forward pass).
+   `response_logprobs` returns for the same ids (up to float rounding between the cached and the full forward
+   pass); at `top_p < 1` they are those of the renormalised nucleus, so they exceed the model's own log-probs.
    At `T = 0` (greedy) the sampled distribution is a point mass, so the log-probs reported are the model's own
    (`T = 1`) log-probs of the chosen tokens instead, which is what a trainer can use.
 2. Every sample owns a `torch.Generator` seeded with its own seed and consumes exactly one uniform number per
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,15 @@ class Generation:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What rollouts and teacher scoring need from a model server (Hugging Face here; vLLM can slot in)."""
+    """What rollouts need from a model server (Hugging Face here; vLLM can slot in): sampling only.
+
+    Scoring is not part of it, by design: θ_old, the reference and the teacher are scored by the trainer's own
+    model with `response_logprobs` (as verl computes old and reference log-probs on the actor, not the rollout
+    server), so one function with one batching and padding makes every log-prob the trainer subtracts.
+    """
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> list[Generation]:
         """One response per prompt, the i-th sampled with its own generator seeded by seeds[i]."""
-        ...
-
-    def score(self, sequences: list[list[int]], response_starts: list[int]) -> list[list[float]]:
-        """log p(token | everything before it) for every token of sequences[i] from response_starts[i] on."""
         ...
 
 
@@ -102,27 +103,6 @@ class HFEngine:
             for index, generation in zip(chunk, generations):
                 results[index] = generation
         return results  # type: ignore[return-value]
-
-    def score(self, sequences: list[list[int]], response_starts: list[int]) -> list[list[float]]:
-        if len(response_starts) != len(sequences):
-            raise ValueError(f"need one response start per sequence: {len(sequences)} vs {len(response_starts)}")
-        prompts, responses = [], []
-        for index, (sequence, start) in enumerate(zip(sequences, response_starts)):
-            if not 1 <= start < len(sequence):
-                raise ValueError(
-                    f"sequence {index}: response start {start} must be in [1, {len(sequence) - 1}] "
-                    "(a non-empty prompt and a non-empty response)"
-                )
-            prompts.append(list(sequence[:start]))
-            responses.append(list(sequence[start:]))
-        results: list[list[float]] = [[] for _ in sequences]
-        with _eval_mode(self.model), torch.inference_mode():
-            for chunk in _length_sorted_chunks([len(s) for s in sequences], self.max_batch_size):
-                chunk_prompts, chunk_responses = [prompts[i] for i in chunk], [responses[i] for i in chunk]
-                logp, mask = response_logprobs(self.model, chunk_prompts, chunk_responses, pad_token_id=self.pad_id)
-                for row, index in enumerate(chunk):
-                    results[index] = logp[row, : int(mask[row].sum())].float().cpu().tolist()
-        return results
 
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> list[Generation]:
         device = self.device
@@ -214,13 +194,12 @@ def response_logprobs(
     *,
     pad_token_id: int = 0,
     return_logits: bool = False,
-    return_entropy: bool = False,
     micro_batch: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """log π(y_t | x, y_<t) for every response token, differentiable when called outside inference mode.
 
     Returns `(logp, mask)`, both (rows, T) with T the longest response (float32 log-probs, 0 where mask is False),
-    then `logits` (rows, T, V) if `return_logits` and `entropy` (rows, T) if `return_entropy`, in that order.
+    then `logits` (rows, T, V) if `return_logits`.
     Layout per micro-batch: prompts left-padded and responses right-padded so every response starts at the same
     column; only the response positions go through the LM head when the model supports `logits_to_keep`.
     `micro_batch` bounds the rows per forward pass; results are identical up to float rounding.
@@ -243,7 +222,7 @@ def response_logprobs(
         prompts = [list(map(int, p)) for p in prompt_ids[begin : begin + step]]
         responses = [list(map(int, r)) for r in response_ids[begin : begin + step]]
         parts.append(
-            _score_chunk(model, prompts, responses, width, pad_token_id, device, return_logits, return_entropy)
+            _score_chunk(model, prompts, responses, width, pad_token_id, device, return_logits)
         )
     outputs = [torch.cat(column, dim=0) for column in zip(*parts)]
     return tuple(outputs)
@@ -257,7 +236,6 @@ def _score_chunk(
     pad_token_id: int,
     device: torch.device,
     return_logits: bool,
-    return_entropy: bool,
 ) -> tuple[torch.Tensor, ...]:
     prompt_tokens, prompt_mask = left_pad(prompts, pad_token_id, device)
     response_tokens, response_mask = right_pad(responses, pad_token_id, device, width=width)
@@ -275,9 +253,6 @@ def _score_chunk(
     results: list[torch.Tensor] = [logp.masked_fill(~mask, 0.0), mask]
     if return_logits:
         results.append(logits)
-    if return_entropy:
-        entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
-        results.append(entropy.masked_fill(~mask, 0.0))
     return tuple(results)
 
 

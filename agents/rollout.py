@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from craft_bench.agents.engine import RolloutEngine, SamplingParams, left_pad, right_pad
+from craft_bench.agents.engine import HFEngine, SamplingParams, response_logprobs, right_pad
+from craft_bench.agents.episodes import summarize
 from craft_bench.agents.policy import Policy
 from craft_bench.agents.prompts import PromptConfig
 from craft_bench.envs.group_runner import GroupRunner
@@ -50,7 +51,7 @@ class Row:
 
 @dataclass
 class Episode:
-    """Per-episode outcome, indexed by `episode_id` (the slot)."""
+    """Per-episode outcome, indexed by `episode_id` (the slot). Its return is `episodes.episode_return(won, n_invalid)`."""
 
     episode_id: int
     group_id: int
@@ -63,26 +64,18 @@ class Episode:
     env_return: float = 0.0
     """The sum of the environment's rewards (1 on the winning step)."""
 
-    def training_return(self, success_reward: float = 10.0, invalid_penalty: float = 0.1) -> float:
-        """R = success_reward * won - invalid_penalty * n_invalid (CRAFT_SPEC.md section 2)."""
-        return success_reward * float(self.won) - invalid_penalty * self.n_invalid
-
 
 @dataclass
 class RolloutTensors:
-    """A rollout as padded tensors. Prompts are left-padded, responses right-padded; `response_mask` marks tokens."""
+    """What the trainer needs of a rollout as tensors: responses right-padded, `response_mask` marks tokens.
+    (Prompts stay lists: the scoring function pads them per micro-batch.)"""
 
-    prompt_ids: torch.Tensor  # (rows, P) long
-    prompt_mask: torch.Tensor  # (rows, P) long
     response_ids: torch.Tensor  # (rows, T) long
     response_mask: torch.Tensor  # (rows, T) bool
     sampler_logp: torch.Tensor  # (rows, T) float32, 0 on padding
     group_id: torch.Tensor  # (rows,) long
     episode_id: torch.Tensor  # (rows,) long
     turn_idx: torch.Tensor  # (rows,) long
-    returns: torch.Tensor  # (rows,) float32: the row's episode return
-    teacher_prompt_ids: torch.Tensor | None = None  # (rows, P+) long, left-padded
-    teacher_prompt_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,21 +88,17 @@ class RolloutBatch:
     generated_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
-    def episode_returns(self, success_reward: float = 10.0, invalid_penalty: float = 0.1) -> torch.Tensor:
-        """(episodes,) float32 returns, indexed by episode_id."""
-        returns = [e.training_return(success_reward, invalid_penalty) for e in self.episodes]
-        return torch.tensor(returns, dtype=torch.float32)
-
     def metrics(self) -> dict[str, float]:
-        """Namespaced summary statistics of the rollout for a trainer's log."""
-        episodes, rows = self.episodes, self.rows
+        """Namespaced summary statistics of the rollout for a log (episode statistics from `episodes.summarize`)."""
+        summary = summarize(self.episodes)
+        rows = self.rows
         seconds = self.timings.get("rollout_s", 0.0)
         generate_seconds = self.timings.get("generate_s", 0.0)
         return {
-            "rollout/success": float(np.mean([e.won for e in episodes])),
-            "rollout/progress": float(np.mean([e.progress for e in episodes])),
-            "rollout/episode_len": float(np.mean([e.n_steps for e in episodes])),
-            "rollout/invalid_rate": sum(e.n_invalid for e in episodes) / max(1, sum(e.n_steps for e in episodes)),
+            "rollout/success": summary.success,
+            "rollout/progress": summary.progress_mean,
+            "rollout/episode_len": summary.steps_mean,
+            "rollout/invalid_rate": summary.invalid_rate,
             "rollout/unparsed_rate": sum(not r.parsed for r in rows) / max(1, len(rows)),
             "rollout/response_len": float(np.mean([len(r.response_ids) for r in rows])) if rows else 0.0,
             "rollout/tokens_per_s": self.generated_tokens / generate_seconds if generate_seconds else 0.0,
@@ -117,37 +106,20 @@ class RolloutBatch:
             "time/rollout_s": seconds,
         }
 
-    def to_tensors(
-        self,
-        pad_token_id: int,
-        success_reward: float = 10.0,
-        invalid_penalty: float = 0.1,
-        device: str | torch.device = "cpu",
-    ) -> RolloutTensors:
-        """Padded tensors ready for a trainer; teacher prompts are included when the rollout recorded them."""
+    def to_tensors(self, device: str | torch.device = "cpu") -> RolloutTensors:
+        """The rows' responses, sampler log-probs and (group, episode, turn) ids as tensors."""
         if not self.rows:
             raise ValueError("the rollout has no rows")
-        prompt_ids, prompt_mask = left_pad([r.prompt_ids for r in self.rows], pad_token_id, device)
-        response_ids, response_mask = right_pad([r.response_ids for r in self.rows], pad_token_id, device)
+        response_ids, response_mask = right_pad([r.response_ids for r in self.rows], 0, device)
         sampler_logp, _ = right_pad([r.logprobs for r in self.rows], 0.0, device, dtype=torch.float32)
-        returns = self.episode_returns(success_reward, invalid_penalty).to(device)
-        episode_id = torch.tensor([r.episode_id for r in self.rows], dtype=torch.long, device=device)
-        tensors = RolloutTensors(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
+        return RolloutTensors(
             response_ids=response_ids,
             response_mask=response_mask.bool(),
             sampler_logp=sampler_logp,
             group_id=torch.tensor([r.group_id for r in self.rows], dtype=torch.long, device=device),
-            episode_id=episode_id,
+            episode_id=torch.tensor([r.episode_id for r in self.rows], dtype=torch.long, device=device),
             turn_idx=torch.tensor([r.turn_idx for r in self.rows], dtype=torch.long, device=device),
-            returns=returns[episode_id],
         )
-        if all(r.teacher_prompt_ids is not None for r in self.rows):
-            tensors.teacher_prompt_ids, tensors.teacher_prompt_mask = left_pad(
-                [r.teacher_prompt_ids for r in self.rows], pad_token_id, device  # type: ignore[misc]
-            )
-        return tensors
 
 
 def reset_seed(seed: int, step: int) -> int:
@@ -171,7 +143,6 @@ def collect_rollouts(
     step: int = 0,
     history_turns: int | None = None,
     with_teacher: bool = True,
-    max_turns: int | None = None,
     act_on: str = "student",
 ) -> RolloutBatch:
     """Play `task_ids` x `group_size` episodes to the end (the environment's max_steps), one generate call per turn.
@@ -201,7 +172,7 @@ def collect_rollouts(
     generate_time = 0.0
     generated = 0
     turn = 0
-    while any(active) and (max_turns is None or turn < max_turns):
+    while any(active):
         playing = [slot for slot in range(slots) if active[slot]]
         prompts = [
             policy.turn_prompts(
@@ -211,6 +182,7 @@ def collect_rollouts(
                 infos[slot]["admissible_actions"],
                 infos[slot]["privileged"]["text"] if needs_privileged else None,
                 sampling.max_new_tokens,
+                action_format=infos[slot].get("action_format"),
             )
             for slot in playing
         ]
@@ -267,32 +239,30 @@ def collect_rollouts(
     )
 
 
-def score_teacher(engine: RolloutEngine, batch: RolloutBatch) -> torch.Tensor:
+def score_teacher(
+    scorer: torch.nn.Module | HFEngine, batch: RolloutBatch, *, pad_token_id: int | None = None,
+    micro_batch: int | None = None,
+) -> torch.Tensor:
     """log π(y_t | x+, y_<t) for every row's exact response ids: (rows, T) float32, 0 on padding.
 
-    T is the longest response of the batch, so the result lines up with `batch.to_tensors().response_mask`.
-    Pass the engine of whichever weights play the teacher (old policy, reference, EMA).
+    The one scoring function, `engine.response_logprobs`, in row order and micro-batches of `micro_batch` rows: the
+    same batching and padding as the trainer's θ_old and reference scores, so the teacher gap Δ = lp_T - lp_old
+    subtracts numbers made the same way. T is the longest response of the batch. `scorer` is the model of whichever
+    weights teach (θ_old, the reference, an EMA), or an `HFEngine` (its model and pad id are used).
     """
     if not batch.rows:
         raise ValueError("the rollout has no rows")
     if any(r.teacher_prompt_ids is None for r in batch.rows):
         raise ValueError("the rollout was collected with with_teacher=False: it has no teacher prompts to score")
-    return _score_rows(engine, batch, [r.teacher_prompt_ids for r in batch.rows])  # type: ignore[misc]
-
-
-def score_student(engine: RolloutEngine, batch: RolloutBatch) -> torch.Tensor:
-    """log π(y_t | x, y_<t) under the engine's weights, laid out as `score_teacher` (e.g. lp_old or lp_ref)."""
-    if not batch.rows:
-        raise ValueError("the rollout has no rows")
-    return _score_rows(engine, batch, [r.prompt_ids for r in batch.rows])
-
-
-def _score_rows(engine: RolloutEngine, batch: RolloutBatch, prompts: list[list[int]]) -> torch.Tensor:
-    sequences = [prompt + row.response_ids for prompt, row in zip(prompts, batch.rows)]
-    scored = engine.score(sequences, [len(prompt) for prompt in prompts])
-    width = max(len(r.response_ids) for r in batch.rows)
-    values, _ = right_pad(scored, 0.0, width=width, dtype=torch.float32)
-    return values
+    if isinstance(scorer, HFEngine):
+        scorer, pad_token_id = scorer.model, scorer.pad_id if pad_token_id is None else pad_token_id
+    if pad_token_id is None:
+        raise ValueError("score_teacher needs pad_token_id when given a model")
+    prompts = [r.teacher_prompt_ids for r in batch.rows]
+    responses = [r.response_ids for r in batch.rows]
+    with torch.no_grad():
+        logp, _ = response_logprobs(scorer, prompts, responses, pad_token_id=pad_token_id, micro_batch=micro_batch)
+    return logp
 
 
 def evaluate_episodes(

@@ -3,16 +3,19 @@ One loop for every method; a method changes only the loss (agents/methods), and 
 
 What one step does, top to bottom (CRAFT_SPEC.md section 1-2):
 1. sample B training tasks from (seed, step); play G siblings of each on the group runner, one row per turn;
-2. returns R_i = success_reward * won - invalid_penalty * n_invalid, and group advantages;
-3. score the rollout under θ_old (the parameters that sampled it), the teacher (same policy on the privileged prompt)
-   and the reference policy, each only if the method needs it;
-4. `method.prepare` on the whole step (token count, gate activity, Pillar 1 credit), then loss and backward per
-   micro-batch, one optimizer step, `method.end_step` (Pillar 2), an EMA teacher update if asked for;
+2. returns (`episodes.episode_return`) and the method's group advantages;
+3. score the rollout under θ_old (the parameters that sampled it), the teacher (the weights the method's `needs`
+   names, on the privileged prompt) and the reference policy, each only if the method needs it, all with the one
+   scoring function `engine.response_logprobs` (same batching and padding);
+4. `method.prepare` on the whole step (token count, gate, Pillar 1 credit, λ/α in force: all of θ_old, computed once
+   per rollout); then `ppo_epochs` passes over mini-batches of `mini_batch_rows` rows, each one optimizer update
+   with its own token-mean denominator (loss and backward per micro-batch inside it); then
+   `method.end_step(ctx.stats)` (Pillar 2) and an EMA teacher update if asked for;
 5. one row of metrics.csv, then an atomic checkpoint: killed at any point and resumed, a CPU run ends with exactly
    the result of an uninterrupted run (every random draw is derived from (seed, step, ...), never from global state).
 
-What it leaves out, and why: one PPO epoch per rollout (θ_old = θ at sampling, as SDAR/verl-agent's ALFWorld runs);
-no sequence packing; data-parallel training through `accelerate` is planned behind this same loop.
+Defaults give one update per rollout (θ_old = θ at sampling); the paper preset uses verl/SDAR's mini-batches.
+Left out: sequence packing; value functions (GRPO needs none).
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ import numpy as np
 import torch
 
 from craft_bench.agents import losses as L
-from craft_bench.agents.engine import HFEngine, response_logprobs
+from craft_bench.agents.engine import response_logprobs
+from craft_bench.agents.episodes import episode_return, summarize
 from craft_bench.agents.methods import Method, combine_metrics, make_method
 from craft_bench.agents.policy import Policy, pad_token_id
-from craft_bench.agents.rollout import RolloutBatch, collect_rollouts, evaluate_episodes, evaluation_task_ids, score_teacher
+from craft_bench.agents.presets import CPU_PRESET, PAPER_PRESET  # noqa: F401  (re-exported for craft_bench.run)
+from craft_bench.agents.rollout import collect_rollouts, evaluate_episodes, evaluation_task_ids, score_teacher
+from craft_bench.envs.tasks import split_task_ids
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.csv"
@@ -45,7 +51,9 @@ FINAL_MODEL_DIR = "final_model"
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run. Defaults are the embedded CPU setting (tiny model, generated ALFWorld tasks)."""
+    """Every setting of a run. The defaults are the library's: tiny model, generated ALFWorld tasks, the method's
+    own option defaults (α = 0 for every method). The CLI's default `--preset cpu` adds α = 0.01 on top, and
+    `--preset paper` is SDAR's GPU setting (both in agents/presets.py)."""
 
     method: str = "craft"
     """Trainer: grpo, opsd, sdar, skill_sd, rlsd, adaptive_cringe or craft (docs/methods.md)."""
@@ -67,7 +75,7 @@ class TrainConfig:
     seed: int = 0
     """Run seed: task choice, sampling and CRINGE draws are all derived from it."""
     steps: int = 10
-    """Training steps (one rollout batch and one optimizer step each)."""
+    """Training steps (one rollout batch each, and `ppo_epochs` x mini-batches optimizer updates)."""
     tasks_per_step: int = 4
     """B: distinct tasks per step."""
     group_size: int = 4
@@ -88,8 +96,13 @@ class TrainConfig:
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 disables it)."""
+    ppo_epochs: int = 1
+    """Passes over the step's rows per rollout (verl's ppo_epochs)."""
+    mini_batch_rows: int | None = None
+    """Rows per optimizer update (verl/SDAR's ppo_mini_batch_size, counted in rows = turns); None: the whole step,
+    one update per epoch. Each mini-batch's token mean divides by its own valid-token count."""
     micro_batch_rows: int = 64
-    """Rows per forward/backward pass; the loss does not depend on it (token mean over the whole step)."""
+    """Rows per forward/backward pass inside a mini-batch: the memory knob; the loss does not depend on it."""
     success_reward: float = 10.0
     """Return of a won episode."""
     invalid_penalty: float = 0.1
@@ -113,9 +126,11 @@ class TrainConfig:
         for name in ("steps",):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("tasks_per_step", "group_size", "max_turns", "max_new_tokens", "micro_batch_rows", "checkpoint_every", "eval_episodes"):
+        for name in ("tasks_per_step", "group_size", "max_turns", "max_new_tokens", "micro_batch_rows", "checkpoint_every", "eval_episodes", "ppo_epochs"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mini_batch_rows is not None and self.mini_batch_rows < 1:
+            problems.append(f"mini_batch_rows must be >= 1 or None, got {self.mini_batch_rows}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0:
@@ -131,31 +146,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid: {sorted(known)}")
         return cls(**values)
-
-
-#: The embedded CPU setting: TrainConfig's defaults, with the reference KL on for every method (α = 0.01, as at paper
-#: scale), so that methods are compared under one regulariser and CRAFT's Pillars 2-3 have an α to act on.
-CPU_PRESET: dict[str, Any] = {"method_options": {"alpha": 0.01}}
-
-#: The SDAR/verl-agent ALFWorld setting for real models on GPUs (`--preset paper`): 16 tasks x 8 siblings, 50 turns,
-#: history 2, lr 1e-6, reference KL α = 0.01 (k3), returns 10 / -0.1, temperature 1; method terms at the spec's
-#: defaults (λ = 0.01, β = 5, CRAFT's own choices).
-PAPER_PRESET: dict[str, Any] = {
-    "tasks_per_step": 16,
-    "group_size": 8,
-    "max_turns": 50,
-    "history_turns": 2,
-    "temperature": 1.0,
-    "max_new_tokens": 512,
-    "lr": 1e-6,
-    "weight_decay": 0.01,
-    "grad_clip": 1.0,
-    "micro_batch_rows": 8,
-    "success_reward": 10.0,
-    "invalid_penalty": 0.1,
-    "eval_episodes": 128,
-    "method_options": {"alpha": 0.01},
-}
 
 
 @dataclass
@@ -186,9 +176,10 @@ class Trainer:
         self.policy = Policy.from_pretrained(config.model, device=config.device, tiny_options=tiny_options)
         self.model: torch.nn.Module = self.policy.engine.model  # type: ignore[attr-defined]
         self.pad_id = pad_token_id(self.policy.tokenizer)
-        # Which weights teach is the method's option (one place to set it); methods without a teacher have none.
-        self.teacher = getattr(self.method.options, "teacher", "old") if self.method.needs_teacher else None
-        self.reference = _frozen_copy(self.model) if (self.method.needs_ref or self.teacher == "ref") else None
+        needs = self.method.needs
+        # Which weights teach is the method's record of needs (from its `teacher` option); None: no teacher pass.
+        self.teacher = needs.teacher
+        self.reference = _frozen_copy(self.model) if (needs.reference or self.teacher == "ref") else None
         self.ema = _frozen_copy(self.model) if self.teacher == "ema" else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.state = TrainState()
@@ -196,9 +187,9 @@ class Trainer:
         self.train_runner = GroupRunner(config.env_id, {**env_kwargs, "split": config.train_split}, config.num_workers)
         self._eval_runner = None  # started on first evaluation: a training-only process never pays for its workers
         self.eval_info: dict[str, Any] | None = None  # info of the first evaluation episode, set by evaluate()
-        self.train_tasks = _task_ids(config.env_id, env_kwargs, config.train_split)
+        self.train_tasks = split_task_ids(config.env_id, config.train_split, env_kwargs)
         # The protocol's fixed episode list: evenly spread over the sorted split, so every task type is represented.
-        self.eval_tasks = evaluation_task_ids(_task_ids(config.env_id, env_kwargs, config.eval_split), config.eval_episodes)
+        self.eval_tasks = evaluation_task_ids(split_task_ids(config.env_id, config.eval_split, env_kwargs), config.eval_episodes)
         if len(self.train_tasks) < config.tasks_per_step:
             raise ValueError(
                 f"split {config.train_split!r} of {config.env_id} has {len(self.train_tasks)} tasks, fewer than "
@@ -226,15 +217,16 @@ class Trainer:
         return self.state
 
     def train_step(self, step: int) -> dict[str, float]:
-        """One rollout batch, one optimizer step; returns the step's metrics row."""
+        """One rollout batch, `ppo_epochs` x mini-batches optimizer updates; returns the step's metrics row."""
         config, method, model = self.config, self.method, self.model
+        needs = method.needs
         # 1. Rollouts: B tasks drawn from (seed, step) only, so a resumed run draws the same ones.
         rng = np.random.default_rng([config.seed, step])
         tasks = [self.train_tasks[i] for i in rng.choice(len(self.train_tasks), config.tasks_per_step, replace=False)]
         sampling = self.policy.sampling(config.temperature, config.top_p, config.max_new_tokens)
         rollout = collect_rollouts(
             self.train_runner, self.policy, tasks, config.group_size, sampling=sampling, seed=config.seed, step=step,
-            history_turns=config.history_turns, with_teacher=method.needs_teacher,
+            history_turns=config.history_turns, with_teacher=needs.teacher is not None,
         )
         # 2. Returns and GRPO advantages, per episode, then broadcast to every turn of the episode.
         episodes = rollout.episodes
@@ -242,51 +234,64 @@ class Trainer:
             torch.tensor([e.won for e in episodes]), torch.tensor([e.n_invalid for e in episodes]),
             config.success_reward, config.invalid_penalty,
         )
-        episode_adv = L.grpo_advantages(returns, torch.tensor([e.group_id for e in episodes]), method.options.adv_std)
-        tensors = rollout.to_tensors(self.pad_id, config.success_reward, config.invalid_penalty)
+        episode_adv = method.advantages(returns, torch.tensor([e.group_id for e in episodes]))
+        tensors = rollout.to_tensors()
         prompts = [r.prompt_ids for r in rollout.rows]
         responses = [r.response_ids for r in rollout.rows]
 
-        # 3. Scores that need no gradient: θ_old, the teacher, the reference; each only when the method uses it.
+        # 3. Scores of θ_old, the teacher and the reference, all by response_logprobs in row order and micro-batches
+        #    of micro_batch_rows, so Δ = lp_T - lp_old subtracts numbers made the same way.
         tick = time.perf_counter()
         model.eval()
         with torch.no_grad():
             old_logp, mask = response_logprobs(model, prompts, responses, pad_token_id=self.pad_id, micro_batch=config.micro_batch_rows)
-            teacher_logp = self._teacher_logp(rollout) if method.needs_teacher else None
+            teacher_logp = None
+            if needs.teacher is not None:
+                teacher = {"old": model, "ref": self.reference, "ema": self.ema}[needs.teacher]
+                teacher_logp = score_teacher(teacher, rollout, pad_token_id=self.pad_id, micro_batch=config.micro_batch_rows)
             ref_logp = None
-            if method.needs_ref:
+            if needs.reference:
                 ref_logp, _ = response_logprobs(self.reference, prompts, responses, pad_token_id=self.pad_id, micro_batch=config.micro_batch_rows)
         score_s = time.perf_counter() - tick
         full = L.TokenBatch(
             logp=None, old_logp=old_logp, ref_logp=ref_logp, teacher_logp=teacher_logp, mask=mask,
             advantages=episode_adv[tensors.episode_id], group_id=tensors.group_id, episode_id=tensors.episode_id,
-            turn_idx=tensors.turn_idx, tokens=tensors.response_ids if method.needs_tokens else None,
+            turn_idx=tensors.turn_idx, tokens=tensors.response_ids if needs.tokens else None,
         )
 
-        # 4. The method's loss, micro-batch by micro-batch, one optimizer step.
+        # 4. Everything of θ_old once (gate, credit, λ/α), then the updates: mini-batches of rows in order, each with
+        #    its own token-mean denominator; micro-batches inside a mini-batch only bound memory.
         tick = time.perf_counter()
-        ctx = method.prepare(full)
+        ctx = method.prepare(full, step=step)
         model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        parts = []
         width = mask.shape[1]
-        for begin in range(0, full.rows, config.micro_batch_rows):
-            rows = slice(begin, begin + config.micro_batch_rows)
-            scored = response_logprobs(
-                model, prompts[rows], responses[rows], pad_token_id=self.pad_id, return_logits=method.needs_logits
-            )
-            micro = full.select(rows)
-            micro.logp = _pad_columns(scored[0], width)
-            if method.needs_logits:
-                micro.logits = _pad_columns(scored[2], width)
-            loss, metrics = method.loss(micro, ctx.select(rows))
-            loss.backward()
-            parts.append(metrics)
-        grad_norm = _clip_gradients(model, config.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        metrics = combine_metrics(parts)
-        method.end_step(metrics)
+        mini = config.mini_batch_rows or full.rows
+        updates: list[dict[str, float]] = []
+        grad_norms: list[float] = []
+        for _epoch in range(config.ppo_epochs):
+            for start in range(0, full.rows, mini):
+                stop = min(start + mini, full.rows)
+                update_ctx = ctx.with_tokens(mask[start:stop].sum())
+                self.optimizer.zero_grad(set_to_none=True)
+                parts = []
+                for begin in range(start, stop, config.micro_batch_rows):
+                    rows = slice(begin, min(begin + config.micro_batch_rows, stop))
+                    scored = response_logprobs(
+                        model, prompts[rows], responses[rows], pad_token_id=self.pad_id, return_logits=needs.logits
+                    )
+                    micro = full.select(rows)
+                    micro.logp = _pad_columns(scored[0], width)
+                    if needs.logits:
+                        micro.logits = _pad_columns(scored[2], width)
+                    loss, metrics = method.loss(micro, update_ctx.select(rows))
+                    loss.backward()
+                    parts.append(metrics)
+                grad_norms.append(_clip_gradients(model, config.grad_clip))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                updates.append(combine_metrics(parts))
+        metrics = _mean_over_updates(updates)
+        method.end_step(ctx.stats)
         if self.ema is not None:
             _ema_update(self.ema, model, config.ema_decay)
         update_s = time.perf_counter() - tick
@@ -294,20 +299,22 @@ class Trainer:
         # 5. The metrics row.
         self.state.env_steps += rollout.env_steps
         self.state.env_time_s += rollout.timings["env_s"]
+        summary = summarize(episodes, config.success_reward, config.invalid_penalty)
         return {
             "step": step,
             "seed": config.seed,
-            "env/success": float(np.mean([e.won for e in episodes])),
-            "env/return_mean": float(returns.mean()),
-            "env/progress_mean": float(np.mean([e.progress for e in episodes])),
-            "env/steps_mean": float(np.mean([e.n_steps for e in episodes])),
-            "env/invalid_rate": sum(e.n_invalid for e in episodes) / max(1, sum(e.n_steps for e in episodes)),
+            "env/success": summary.success,
+            "env/return_mean": summary.return_mean,
+            "env/progress_mean": summary.progress_mean,
+            "env/steps_mean": summary.steps_mean,
+            "env/invalid_rate": summary.invalid_rate,
             "env/steps_per_s": rollout.env_steps / max(rollout.timings["env_s"], 1e-9),
             "rollout/rows": float(full.rows),
             "rollout/tokens": float(mask.sum()),
-            "rollout/sampler_logp_gap": _sampler_gap(tensors.sampler_logp, old_logp, mask, config.temperature),
-            "optim/grad_norm": grad_norm,
+            "rollout/sampler_logp_gap": _sampler_gap(tensors.sampler_logp, old_logp, mask, config.temperature, config.top_p),
+            "optim/grad_norm": sum(grad_norms) / len(grad_norms),
             "optim/lr": config.lr,
+            "optim/updates": float(len(updates)),
             **metrics,
             "time/rollout_s": rollout.timings["rollout_s"],
             "time/generate_s": rollout.timings["generate_s"],
@@ -315,12 +322,6 @@ class Trainer:
             "time/score_s": score_s,
             "time/update_s": update_s,
         }
-
-    def _teacher_logp(self, rollout: RolloutBatch) -> torch.Tensor:
-        """log π_teacher(y_t | x+, y_<t): the teacher is the policy itself ("old"), its initial or its EMA weights."""
-        weights = {"old": self.model, "ref": self.reference, "ema": self.ema}[self.teacher]
-        engine = self.policy.engine if weights is self.model else HFEngine(weights, self.pad_id, self.config.micro_batch_rows)
-        return score_teacher(engine, rollout)
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> list[dict[str, Any]]:
@@ -336,7 +337,7 @@ class Trainer:
             max_new_tokens=config.max_new_tokens, history_turns=config.history_turns,
         )
         for record in records:
-            record["return"] = config.success_reward * float(record["won"]) - config.invalid_penalty * record["invalid_actions"]
+            record["return"] = episode_return(float(record["won"]), record["invalid_actions"], config.success_reward, config.invalid_penalty)
         # What the result row needs to know about the environment (version, data hash, privileged keys) is in any
         # episode's info: keep one rather than making and resetting another env to ask again.
         self.eval_info = self._eval_runner.last_infos[0]
@@ -417,19 +418,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _task_ids(env_id: str, env_kwargs: dict[str, Any], split: str) -> list[str]:
-    """The split's sorted task ids, from an environment made in this process (task lists are cheap by contract)."""
-    import gymnasium as gym
-
-    import craft_bench  # noqa: F401  (registers the ids)
-
-    env = gym.make(env_id, disable_env_checker=True, **{**env_kwargs, "split": split})
-    try:
-        return list(env.unwrapped.task_ids)
-    finally:
-        env.close()
-
-
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     clone = copy.deepcopy(model)
     clone.eval()
@@ -442,6 +430,18 @@ def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for target, source in zip(ema.parameters(), model.parameters()):
         target.mul_(decay).add_(source.detach(), alpha=1 - decay)
+
+
+def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
+    """One row for a step's updates: each `loss/*` entry is the mean over the updates (each already the sum of its
+    micro-batch shares); step-wide metrics are the same in every update and are taken from the first."""
+    merged = dict(updates[0])
+    if len(updates) == 1:
+        return merged
+    for key in merged:
+        if key.startswith("loss/"):
+            merged[key] = sum(u[key] for u in updates) / len(updates)
+    return merged
 
 
 def _pad_columns(values: torch.Tensor, width: int) -> torch.Tensor:
@@ -462,10 +462,11 @@ def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in parameters])))
 
 
-def _sampler_gap(sampler_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, temperature: float) -> float:
-    """Mean |sampler log-prob - recomputed θ_old log-prob| at T = 1: a health check of token-in/token-out scoring
-    (it should be float rounding); NaN at other temperatures, where the two measure different distributions."""
-    if temperature != 1.0 or not mask.any():
+def _sampler_gap(sampler_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, temperature: float, top_p: float) -> float:
+    """Mean |sampler log-prob - recomputed θ_old log-prob|: a health check of token-in/token-out scoring, which
+    should be float rounding at T = 1 and top_p = 1. NaN otherwise: a tempered or nucleus-renormalised sampler's
+    log-probs are those of another distribution than the model's (with top_p < 1 they are larger)."""
+    if temperature != 1.0 or top_p < 1.0 or not mask.any():
         return math.nan
     width = min(sampler_logp.shape[1], old_logp.shape[1])
     gap = (sampler_logp[:, :width] - old_logp[:, :width]).abs()[mask[:, :width]]

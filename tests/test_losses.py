@@ -197,3 +197,16 @@ def test_cringe_draw_never_returns_y_even_for_uniforms_next_to_one():
             assert (contrast != tokens).all() and (ranks <= 5).all()
     with pytest.raises(ValueError, match="top_k"):
         L.cringe_contrast_tokens(logits[..., :5], tokens.clamp(max=4), torch.zeros(3, 4, dtype=torch.float64))
+
+
+def test_skill_sd_term_caps_exp_minus_ell_at_e20_and_is_unchanged_inside_the_cap():
+    logp = torch.tensor([[-40.0, -1.0, -0.2]], dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([[-1.0, -0.5, -3.0]], dtype=torch.float64)
+    term = L.skill_sd_term(logp, logp.detach(), teacher, coef=1.0)
+    (grad,) = torch.autograd.grad(term.sum(), logp)
+    assert torch.isfinite(term).all()
+    assert term[0, 0].item() == pytest.approx(math.exp(20.0) - 21.0)  # ℓ = -39 is clamped at -20
+    assert grad[0, 0] == 0.0  # beyond the cap the term is constant
+    ell = (logp.detach() - teacher)[0, 1:]
+    assert torch.equal(term[0, 1:].detach(), torch.exp(-ell) - 1.0 + ell)
+    assert torch.allclose(grad[0, 1:], 1.0 - torch.exp(-ell))

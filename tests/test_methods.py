@@ -323,3 +323,47 @@ def test_craft_metrics_are_logged():
                 "craft/omega_neg_frac", "ctrl/lambda", "ctrl/alpha", "ctrl/ema"):
         assert key in metrics, key
     assert metrics["craft/ess_min"] >= 1.0 and 0 < metrics["craft/omega_neg_frac"] < 1
+
+
+# -- typed step statistics and RLSD's warm-down ----------------------------------------------------------------------
+
+
+def test_pillar2_learns_from_the_typed_step_stats_not_from_a_metric_name():
+    batch = synthetic_batch(2, 3, 3, 6, seed=4)
+    typed, external = make_method("craft", alpha=0.01), make_method("craft", alpha=0.01)
+    ctx = typed.prepare(batch, step=0)
+    _, metrics = external.loss(fresh(batch))
+    assert ctx.stats.gate_activity == metrics["sdar/gate_activity"]
+    typed.end_step(ctx.stats)
+    external.end_step(metrics)  # CRAFT_SPEC §5: the metrics dict of loss() still works for external callers
+    assert typed.state_dict() == external.state_dict() and typed.state_dict()["controller"]["steps"] == 1
+    with pytest.raises(ValueError, match="gate activity"):
+        typed.end_step({"renamed/gate_activity": 0.5})
+    make_method("sdar").end_step({})  # stateless: nothing to learn, nothing required
+
+
+def test_what_the_trainer_needs_is_a_typed_record():
+    from craft_bench.agents.methods import Needs
+
+    assert make_method("grpo").needs == Needs(teacher=None, reference=False, logits=False, tokens=False)
+    assert make_method("sdar", teacher="ema", alpha=0.01).needs == Needs(teacher="ema", reference=True)
+    assert make_method("adaptive_cringe", teacher="ref").needs == Needs(teacher="ref", logits=True, tokens=True)
+    assert make_method("rlsd", adv_std="none").adv_std == "none"
+
+
+def test_rlsd_lambda_decays_linearly_to_zero_over_warmdown_steps():
+    batch = synthetic_batch(2, 3, 2, 5, seed=6)
+    method = make_method("rlsd", warmdown_steps=4)
+    lams = [method.prepare(batch, step=n).lam for n in range(7)]
+    assert lams == pytest.approx([0.5, 0.375, 0.25, 0.125, 0.0, 0.0, 0.0])
+    assert make_method("rlsd").prepare(batch, step=50).lam == 0.5  # warmdown_steps = 0: constant
+    # Without a step, the count of end_step calls is used.
+    method.end_step({})
+    assert method.prepare(batch).step == 1 and method.prepare(batch).lam == pytest.approx(0.375)
+    # At λ = 0 RLSD is GRPO.
+    ctx = method.prepare(batch, step=4)
+    done = loss_and_grad(method, batch, ctx)
+    grpo = loss_and_grad(make_method("grpo"), batch)
+    assert torch.allclose(done[0], grpo[0], rtol=0, atol=1e-7) and torch.allclose(done[1], grpo[1], rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="warmdown_steps"):
+        make_method("rlsd", warmdown_steps=-1)

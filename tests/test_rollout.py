@@ -12,7 +12,9 @@ from test_policy import ScriptedEngine
 from craft_bench.agents.engine import HFEngine
 from craft_bench.agents.policy import Policy
 from craft_bench.agents.prompts import format_prompt, student_text
-from craft_bench.agents.rollout import collect_rollouts, evaluate_episodes, sample_seed, score_student, score_teacher
+from craft_bench.agents.engine import response_logprobs
+from craft_bench.agents.episodes import episode_return
+from craft_bench.agents.rollout import collect_rollouts, evaluate_episodes, sample_seed, score_teacher
 from craft_bench.envs.group_runner import GroupRunner
 
 MAX_STEPS = 8  # the fake env's default
@@ -60,7 +62,7 @@ def test_hand_checked_group_rows_and_bookkeeping(runner, tokenizer):
     assert (won.n_steps, won.n_invalid, won.env_return) == (3, 1, 1.0)
     assert (lost.won, lost.n_steps, lost.n_invalid, lost.env_return) == (False, 2, 0, 0.0)
     assert won.progress == 1.0
-    assert batch.episode_returns().tolist() == pytest.approx([9.9, 0.0])
+    assert [episode_return(e.won, e.n_invalid) for e in batch.episodes] == pytest.approx([9.9, 0.0])
     assert batch.env_steps == 5
     metrics = batch.metrics()
     assert metrics["rollout/success"] == 0.5 and metrics["rollout/episode_len"] == 2.5
@@ -75,20 +77,15 @@ def test_hand_checked_group_rows_and_bookkeeping(runner, tokenizer):
     assert teacher.startswith("Privileged guidance (teacher only):\nExpert plan from here: add 1\n\n")
     assert teacher.endswith(third)
 
-    tensors = batch.to_tensors(pad_token_id=0)
+    tensors = batch.to_tensors()
     lengths = [len(r.response_ids) for r in batch.rows]
     assert tensors.response_mask.sum(1).tolist() == lengths
     assert tensors.response_ids.shape == (5, max(lengths))
     assert tensors.episode_id.tolist() == [0, 0, 0, 1, 1]
     assert tensors.turn_idx.tolist() == [0, 1, 2, 0, 1]
     assert tensors.group_id.tolist() == [0] * 5
-    assert tensors.returns.tolist() == pytest.approx([9.9] * 3 + [0.0] * 2)
     assert torch.all(tensors.sampler_logp[tensors.response_mask] == -1.0)
     assert torch.all(tensors.sampler_logp[~tensors.response_mask] == 0.0)
-    assert tensors.prompt_mask.sum(1).tolist() == [len(r.prompt_ids) for r in batch.rows]
-    assert tensors.teacher_prompt_mask.sum(1).tolist() == [len(r.teacher_prompt_ids) for r in batch.rows]
-    # Prompts are left-padded: the last column is always a real token.
-    assert torch.all(tensors.prompt_mask[:, -1] == 1) and torch.all(tensors.teacher_prompt_mask[:, -1] == 1)
 
 
 def test_groups_and_slots_follow_the_runner_layout(runner, tokenizer):
@@ -130,17 +127,20 @@ def test_malformed_chat_replies_are_invalid_actions_even_when_they_name_one(runn
     (episode,) = batch.episodes
     assert (episode.won, episode.n_steps, episode.n_invalid) == (False, MAX_STEPS, MAX_STEPS)
     assert not any(r.parsed or r.action_valid for r in batch.rows)
-    assert episode.training_return() == pytest.approx(-0.1 * MAX_STEPS)
+    assert episode_return(episode.won, episode.n_invalid) == pytest.approx(-0.1 * MAX_STEPS)
 
 
-def test_teacher_scores_equal_a_direct_forward_pass(runner, lm_policy):
+def test_teacher_scores_equal_a_direct_forward_pass(lm_policy):
     sampling = lm_policy.sampling(temperature=1.0, max_new_tokens=5)
-    batch = collect_rollouts(runner, lm_policy, ["count-3-0"], 2, sampling=sampling, seed=1, max_turns=2)
+    with GroupRunner(COUNTER_ENV_ID, {"max_steps": 2}, num_workers=1) as short:
+        batch = collect_rollouts(short, lm_policy, ["count-3-0"], 2, sampling=sampling, seed=1)
     assert len(batch.rows) == 4
-    teacher = score_teacher(lm_policy.engine, batch)
-    mask = batch.to_tensors(pad_token_id=0).response_mask
-    assert teacher.shape == mask.shape
     model = lm_policy.engine.model
+    teacher = score_teacher(model, batch, pad_token_id=0, micro_batch=3)
+    # An engine is accepted too (its model and pad id are used), with the same numbers.
+    assert torch.equal(score_teacher(lm_policy.engine, batch, micro_batch=3), teacher)
+    mask = batch.to_tensors().response_mask
+    assert teacher.shape == mask.shape
     for row, record in enumerate(batch.rows):
         with torch.no_grad():
             logits = model(torch.tensor([record.teacher_prompt_ids + record.response_ids])).logits[0].float()
@@ -153,9 +153,9 @@ def test_teacher_scores_equal_a_direct_forward_pass(runner, lm_policy):
         student = model(torch.tensor([record.prompt_ids + record.response_ids])).logits[0].float()
         own = student[len(record.prompt_ids) - 1 : -1].log_softmax(-1).gather(-1, response)
         assert torch.allclose(torch.tensor(record.logprobs), own.squeeze(-1).detach(), atol=1e-5)
-    student = score_student(lm_policy.engine, batch)
-    sampler = batch.to_tensors(pad_token_id=0).sampler_logp
-    assert torch.allclose(student, sampler, atol=1e-5)
+    with torch.no_grad():
+        student, _ = response_logprobs(model, [r.prompt_ids for r in batch.rows], [r.response_ids for r in batch.rows], micro_batch=3)
+    assert torch.allclose(student, batch.to_tensors().sampler_logp, atol=1e-5)
 
 
 def test_evaluation_records_one_episode_per_task(runner, tokenizer):

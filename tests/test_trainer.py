@@ -253,15 +253,59 @@ def test_a_metric_that_appears_mid_run_widens_metrics_csv(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("teacher", ["old", "ref", "ema"])
-def test_the_methods_teacher_option_chooses_the_teacher_weights(teacher, model_dir, tmp_path):
-    trainer = Trainer(small_config(model_dir, method="sdar", steps=1, method_options={"teacher": teacher}), tmp_path, progress=False)
+def test_the_methods_teacher_option_chooses_the_teacher_weights(teacher, model_dir, tmp_path, monkeypatch):
+    # After one step, θ is perturbed so that θ_old, the reference (initial weights) and the EMA all differ; the
+    # second step's teacher log-probs must then be exactly a direct scoring of its rollout with the chosen weights.
+    import copy
+
+    import craft_bench.agents.trainer as trainer_module
+    from craft_bench.agents.rollout import score_teacher
+
+    config = small_config(model_dir, method="sdar", steps=2, ema_decay=0.5, method_options={"teacher": teacher})
+    trainer = Trainer(config, tmp_path, progress=False)
+    seen = {}
+    real_collect, real_prepare = trainer_module.collect_rollouts, trainer.method.prepare
+
+    def collect(*args, **kwargs):
+        seen["rollout"] = real_collect(*args, **kwargs)
+        return seen["rollout"]
+
+    def prepare(batch, step=None):
+        seen["teacher_logp"] = batch.teacher_logp.clone()
+        return real_prepare(batch, step)
+
+    monkeypatch.setattr(trainer_module, "collect_rollouts", collect)
+    monkeypatch.setattr(trainer.method, "prepare", prepare)
     try:
-        trainer.train()
+        initial = copy.deepcopy(trainer.model)
+        trainer.train_step(0)
+        after_step = copy.deepcopy(trainer.model)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in trainer.model.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+        trainer.train_step(1)
     finally:
         trainer.close()
     assert trainer.teacher == teacher
     assert (trainer.reference is not None) == (teacher == "ref")
     assert (trainer.ema is not None) == (teacher == "ema")
-    if teacher == "ema":  # after an update the EMA teacher lags θ (it moved only a (1 - decay) share of the way)
-        initial = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["ema"]
-        assert any(not torch.equal(initial[k], v) for k, v in trainer.model.state_dict().items() if k in initial)
+    ema = copy.deepcopy(initial)
+    with torch.no_grad():
+        for target, source in zip(ema.parameters(), after_step.parameters()):
+            target.mul_(0.5).add_(source, alpha=0.5)
+    perturbed = copy.deepcopy(after_step)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for parameter in perturbed.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    candidates = {"old": perturbed, "ref": initial, "ema": ema}
+    scores = {
+        name: score_teacher(weights.eval(), seen["rollout"], pad_token_id=trainer.pad_id, micro_batch=config.micro_batch_rows)
+        for name, weights in candidates.items()
+    }
+    assert torch.equal(seen["teacher_logp"], scores[teacher])
+    mask = seen["rollout"].to_tensors().response_mask
+    for name, other in scores.items():
+        if name != teacher:
+            assert (seen["teacher_logp"] - other)[mask].abs().max() > 1e-3, f"{teacher} teacher looks like {name}"
