@@ -17,6 +17,7 @@ import pickle
 import random
 import re
 import threading
+from abc import abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from decimal import Decimal
@@ -416,15 +417,18 @@ class WebShopBase(TextAgentEnv):
         self._win_memo: dict[int, bool] = {}
 
     @property
+    @abstractmethod
     def data_dir(self) -> Path:
-        raise NotImplementedError
+        """The directory holding the data files under WebShop's names."""
 
     @property
+    @abstractmethod
     def data_sha256(self) -> str:
-        raise NotImplementedError
+        """What identifies the data (a content hash, or the generator's config hash)."""
 
+    @abstractmethod
     def _source_name(self) -> str:
-        raise NotImplementedError
+        """The data set in words, for error messages."""
 
     # ------------------------------------------------------------------ data
     @property
