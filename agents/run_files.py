@@ -117,17 +117,23 @@ def read_metrics(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
     A row is complete when it ends with a newline and has exactly the header's number of fields: a kill during an
     append can leave a torn last line, which is dropped here rather than parsed as a short row.
     """
-    path = Path(path)
+    header, rows, _ = _read_metrics(Path(path))
+    return header, rows
+
+
+def _read_metrics(path: Path) -> tuple[list[str], list[dict[str, str]], bool]:
+    """read_metrics, and whether every line of the file was a complete row (False: something was dropped)."""
     if not path.exists():
-        return [], []
+        return [], [], True
     with path.open(newline="") as handle:
         lines = handle.read().split("\n")
-    lines.pop()  # "" after a final newline, or a torn line the writer died in
+    clean = lines.pop() == ""  # "" after a final newline, else a torn line the writer died in
     if not lines:
-        return [], []
+        return [], [], clean
     header = next(csv.reader([lines[0]]))
-    rows = [dict(zip(header, fields)) for fields in csv.reader(lines[1:]) if len(fields) == len(header)]
-    return header, rows
+    parsed = list(csv.reader(lines[1:]))
+    rows = [dict(zip(header, fields)) for fields in parsed if len(fields) == len(header)]
+    return header, rows, clean and len(rows) == len(parsed)
 
 
 def truncate_metrics(path: str | Path, steps_done: int) -> None:
@@ -140,7 +146,7 @@ def truncate_metrics(path: str | Path, steps_done: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    header, rows = read_metrics(path)
+    header, rows, clean = _read_metrics(path)
     if not header:
         path.unlink()  # nothing but a torn header: the next append writes a fresh one
         return
@@ -150,7 +156,7 @@ def truncate_metrics(path: str | Path, steps_done: int) -> None:
         if step is not None and 0 <= step < steps_done and step not in kept:
             kept[step] = row
     ordered = [kept[s] for s in sorted(kept)]
-    if ordered != rows or _torn(path):
+    if ordered != rows or not clean:
         write_csv_atomic(path, header, ordered)
 
 

@@ -17,6 +17,7 @@ import torch
 from fake_envs import COUNTER_ENV_ID
 from test_engine import build_tokenizer, random_llama
 
+from craft_bench.agents.checkpoint import digest_path, file_sha256
 from craft_bench.agents.trainer import CHECKPOINT_FILE, CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE
 from craft_bench.run import EVAL_ONLY_FILE, EVAL_ONLY_RESULT_FILE, RESULT_FILE, build_configs, parse_args, run_name
 from craft_bench.run import main as run_main
@@ -208,6 +209,8 @@ def test_eval_only_with_only_a_checkpoint_says_so_and_refuses_a_forged_one(model
     buffer = io.BytesIO()
     torch.save({"state": {"step": 1}, "model": Payload()}, buffer)
     (run_dir / CHECKPOINT_FILE).write_bytes(buffer.getvalue())
+    # The forger rewrites the digest file too: weights-only loading is what refuses the file.
+    digest_path(run_dir / CHECKPOINT_FILE).write_text(f"{file_sha256(run_dir / CHECKPOINT_FILE)}  checkpoint.pt\n")
     message = refused([*argv, "--eval-only"])
     assert f"{run_dir / CHECKPOINT_FILE}" in message and "could run code" in message
     assert not marker.exists()
@@ -239,3 +242,56 @@ def test_resume_with_another_worker_count_continues_the_run(model_dir, tmp_path)
     resumed = [*argv[: argv.index("--num-workers")], *argv[argv.index("--num-workers") + 2:], "--num-workers", "2", "--resume"]
     assert run_main(resumed) == 0
     assert (run_dir / METRICS_FILE).read_bytes() == metrics
+
+
+# ---------------------------------------------------------------------------------------------------- trainer wiring
+WIRING = "needs the lead's wiring of Trainer.save_checkpoint/load_checkpoint/train to agents.checkpoint (issue 15 #1, #6); delete this marker with that wiring"
+
+
+@pytest.mark.xfail(strict=True, reason=WIRING)
+def test_resume_refuses_a_forged_checkpoint_without_running_it(model_dir, tmp_path):
+    argv = small_args(model_dir, tmp_path, "--method", "grpo", "--steps", "1")
+    assert run_main(argv) == 0
+    (config,) = build_configs(parse_args(argv))
+    run_dir = tmp_path / run_name(config)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    buffer = io.BytesIO()
+    torch.save({"state": {"step": 1}, "model": Payload()}, buffer)
+    (run_dir / CHECKPOINT_FILE).write_bytes(buffer.getvalue())
+    digest_path(run_dir / CHECKPOINT_FILE).write_text(f"{file_sha256(run_dir / CHECKPOINT_FILE)}  checkpoint.pt\n")
+    with pytest.raises(SystemExit, match="could run code"):
+        run_main([*argv, "--resume"])
+    assert not marker.exists()
+
+
+@pytest.mark.xfail(strict=True, reason=WIRING)
+def test_a_nan_step_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tmp_path):
+    from craft_bench.agents.checkpoint import NonFiniteError, load_checkpoint
+    from craft_bench.agents.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(
+        env_id=COUNTER_ENV_ID, model=str(model_dir), method="grpo", steps=3, tasks_per_step=2, group_size=2,
+        max_turns=3, max_new_tokens=4, eval_split="train", eval_episodes=2, num_workers=1, micro_batch_rows=4,
+    )
+    trainer = Trainer(config, tmp_path, progress=False)
+    save = trainer.save_checkpoint
+
+    def save_then_diverge() -> None:
+        save()
+        if trainer.state.step == 1:  # the weights blow up after step 0 was checkpointed
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+
+    trainer.save_checkpoint = save_then_diverge
+    try:
+        with pytest.raises(NonFiniteError, match=r"^step 1: "):
+            trainer.train()
+    finally:
+        trainer.close()
+    assert load_checkpoint(tmp_path / CHECKPOINT_FILE)["state"]["step"] == 1
+    assert pd.read_csv(tmp_path / METRICS_FILE)["step"].tolist() == [0]

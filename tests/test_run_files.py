@@ -106,6 +106,13 @@ def test_truncate_keeps_only_checkpointed_complete_unique_rows(tmp_path):
     assert path.read_text() == "step,loss\n"
 
 
+def test_truncate_removes_a_complete_line_with_the_wrong_field_count(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,loss\n0,1.0\n1,0,0,0\n")  # a stray row (e.g. from another writer) with extra fields
+    truncate_metrics(path, 1)
+    assert path.read_text() == "step,loss\n0,1.0\n"
+
+
 def test_a_torn_header_is_discarded(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("step,lo")
