@@ -24,6 +24,21 @@ from pathlib import Path
 from typing import Any
 
 LOCK_FILE = ".lock"
+#: Descriptors of the run locks this process holds; a forked child closes its copies at once (see RunLock).
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 # ---------------------------------------------------------------------------------------------------- the run lock
 
@@ -38,7 +53,8 @@ class RunLock:
     It is a `flock` on `<run_dir>/.lock`, so the kernel releases it when the holder exits, however it exits: a lock
     file left by a dead process never blocks (no stale-lock cleanup needed). The holder writes its pid, host and
     start time into the file, so a refused run can name it. Local file systems only: flock over NFS is not reliable.
-    The descriptor is not inherited by spawned or forkserver workers (Python opens files non-inheritable).
+    No worker keeps the lock alive after its parent died: spawned and forkserver workers never get the descriptor
+    (Python opens files non-inheritable), and a forked child closes its copy at once (os.register_at_fork).
     """
 
     def __init__(self, run_dir: str | Path):
@@ -64,11 +80,13 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
         self._fd = fd
+        _HELD_LOCK_FDS.add(fd)
         return self
 
     def release(self) -> None:
         """Unlock; the file stays (removing it would let a third process lock a different inode than a second)."""
         if self._fd is not None:
+            _HELD_LOCK_FDS.discard(self._fd)
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 

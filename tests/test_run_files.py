@@ -65,6 +65,32 @@ def test_a_lock_held_by_another_process_names_its_pid_and_dies_with_it(tmp_path)
         assert f"pid {os.getpid()} " in (tmp_path / ".lock").read_text()
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="reads /proc")
+def test_a_forked_worker_does_not_keep_the_run_lock(tmp_path):
+    """Otherwise a worker that outlives a killed parent would keep the run locked. (Spawn and forkserver workers
+    never get the descriptor: Python opens files non-inheritable.)"""
+    import multiprocessing as mp
+
+    context = mp.get_context("fork")
+    with RunLock(tmp_path):
+        queue = context.Queue()
+        child = context.Process(target=_report_lock_fds, args=(queue,))
+        child.start()
+        held = queue.get(timeout=60)
+        child.join(timeout=60)
+    assert held == []
+
+
+def _report_lock_fds(queue) -> None:
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    queue.put([p for p in paths if p.endswith("/.lock")])
+
+
 def test_a_stale_lock_file_of_a_dead_process_does_not_block(tmp_path):
     (tmp_path / ".lock").write_text("pid 999999 on elsewhere, since 2020-01-01T00:00:00\n")
     with RunLock(tmp_path):
