@@ -27,7 +27,7 @@ from craft_bench.envs.cache import build_once, cache_dir
 from craft_bench.envs.webshop_reward import FUZZY_MATCH_THRESHOLD, fuzzy_score, normalize_color
 
 #: Bumped whenever the generated files change for the same config (it is part of the cache key and data hash).
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 DEFAULT_PRODUCTS = 6000
 DEFAULT_GOALS = 4500
 #: Instructions drawn per goal product before that product is given up (its instruction text never found it).
@@ -133,6 +133,10 @@ _DESCRIPTION_OPENERS = ("Designed for everyday use.", "Made to last with careful
                         "Backed by a friendly support team.")
 _FILLERS = ("you will notice the difference", "made with care", "tested by our team", "for daily routines",
             "ideal as a gift")
+#: How instructions count plural product nouns ("find me a pair of sneakers", not "a sneakers").
+_COUNTED = {"headphones": "a pair of headphones", "sneakers": "a pair of sneakers", "sandals": "a pair of sandals",
+            "jogger pants": "a pair of jogger pants", "mixed nuts": "a bag of mixed nuts",
+            "potato chips": "a bag of potato chips"}
 _INSTRUCTION_TEMPLATES = (
     "i am looking for {a_type} that is {attrs}{options}",
     "i need {a_type} which is {attrs}{options}",
@@ -275,8 +279,8 @@ def generate_instruction(rng: random.Random, product: dict[str, Any], attributes
     template = rng.choice(_INSTRUCTION_TEMPLATES)
     return {
         "asin": product["asin"],
-        "instruction": template.format(a_type=f"{'an' if kind.noun[0] in 'aeio' else 'a'} {kind.noun}", attrs=attrs,
-                                       options=options),
+        "instruction": template.format(a_type=_COUNTED.get(kind.noun, f"{'an' if kind.noun[0] in 'aeio' else 'a'} "
+                                                                     f"{kind.noun}"), attrs=attrs, options=options),
         "instruction_attributes": chosen_attributes,
         "instruction_options": goal_options,
     }
