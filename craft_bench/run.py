@@ -40,24 +40,14 @@ from craft_bench.agents.run_files import (
     write_json_atomic,
     write_text_atomic,
 )
-from craft_bench.agents.trainer import (
-    CHECKPOINT_FILE,
-    CONFIG_FILE,
-    CPU_PRESET,
-    EVAL_FILE,
-    FINAL_MODEL_DIR,
-    METRICS_FILE,
-    PAPER_PRESET,
-    TrainConfig,
-    Trainer,
-)
+from craft_bench.agents.presets import PRESET_NAMES, preset_values
+from craft_bench.agents.trainer import CHECKPOINT_FILE, CONFIG_FILE, EVAL_FILE, FINAL_MODEL_DIR, METRICS_FILE, TrainConfig, Trainer
 
 RESULT_FILE = "result.csv"
 EVAL_ONLY_FILE = "eval_only.csv"
 EVAL_ONLY_RESULT_FILE = "eval_only_result.csv"
 #: The trained model's TrainState, beside final_model/'s weights: what --eval-only reports as train_steps.
 FINAL_STATE_FILE = "craft_bench_state.json"
-PRESETS = {"cpu": CPU_PRESET, "paper": PAPER_PRESET}
 #: Fields that --set may not change, and the flag that does.
 FLAG_FIELDS = {"seed": "--seeds (e.g. --seeds 0,1,2)", "method": "--method"}
 
@@ -70,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=defaults.model, help="Hugging Face hub id, local path, or 'tiny' (default)")
     parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {defaults.steps})")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="cpu: the embedded tiny setting; paper: SDAR/CRAFT's GPU setting")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="cpu", help="cpu: the embedded tiny setting; paper: SDAR/CRAFT's GPU setting")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE", help="override any TrainConfig field (JSON value), e.g. --set group_size=8")
     parser.add_argument("--option", dest="method_options", action="append", default=[], metavar="NAME=VALUE", help="method option (JSON value), e.g. --option p1=false")
     parser.add_argument("--out", default="runs", help="parent directory of run directories (default runs/)")
@@ -102,40 +92,41 @@ def build_configs(args: argparse.Namespace) -> list[TrainConfig]:
         raise SystemExit("error: --seeds is empty")
     if args.eval_only and (args.resume or args.overwrite):
         raise SystemExit("error: --eval-only evaluates an existing run as it is; it cannot be combined with --resume or --overwrite")
-    base: dict[str, Any] = json.loads(json.dumps(PRESETS[args.preset]))
-    base["env_id"] = args.env
-    base["model"] = args.model
+    overrides: dict[str, Any] = {"env_id": args.env, "model": args.model}
     if args.steps is not None:
-        base["steps"] = args.steps
+        overrides["steps"] = args.steps
     if args.device is not None:
-        base["device"] = args.device
+        overrides["device"] = args.device
     if args.num_workers is not None:
-        base["num_workers"] = args.num_workers
+        overrides["num_workers"] = args.num_workers
     for item in args.overrides:
         key, value = _key_value(item, "--set")
         if key in FLAG_FIELDS:
             raise SystemExit(f"error: --set {key} is not a setting of one run; use {FLAG_FIELDS[key]}")
-        base[key] = value
-    options = dict(base.pop("method_options", {}))
-    for item in args.method_options:
-        key, value = _key_value(item, "--option")
-        options[key] = value
+        overrides[key] = value
+    cli_options = dict(_key_value(item, "--option") for item in args.method_options)
     try:
-        validate_train_config({**base, "method_options": options, "seed": seeds[0]}, TrainConfig)
-        for seed in seeds:
+        validate_train_config({**overrides, "seed": seeds[0]}, TrainConfig)
+        for seed in seeds[1:]:
             validate_train_config({"seed": seed}, TrainConfig)
     except ConfigError as error:
         raise SystemExit(f"error: {error}") from None
-    _check_env(base["env_id"])
-    _check_model(base["model"])
-    _check_device(base.get("device", TrainConfig().device))
+    _check_env(overrides["env_id"])
+    _check_model(overrides["model"])
+    _check_device(overrides.get("device", TrainConfig().device))
+    set_options = overrides.pop("method_options", {})
     configs = []
     for seed in seeds:
         for method in methods:
+            values = preset_values(args.preset, method)
+            # Preset options, then --set method_options={...}, then each --option: the most specific wins.
+            options = {**values.pop("method_options", {}), **set_options, **cli_options}
+            values = {**values, **overrides, "method": method, "seed": seed, "method_options": options}
             try:
+                validate_train_config(values, TrainConfig)
                 make_method(method, **options)  # unknown or bad method options fail here, not after the start
-                configs.append(TrainConfig.from_dict({**base, "method": method, "seed": seed, "method_options": dict(options)}))
-            except (TypeError, ValueError) as error:
+                configs.append(TrainConfig.from_dict(values))
+            except (TypeError, ValueError) as error:  # ConfigError is a ValueError
                 raise SystemExit(f"error: {error}") from None
     return configs
 
