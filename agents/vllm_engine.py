@@ -80,7 +80,7 @@ class VLLMConfig:
     sleep_level: int = 1
     """vLLM sleep level: 1 offloads the weights to CPU memory and drops the KV cache; 2 drops both (a sync reloads)."""
     enforce_eager: bool = False
-    """Skip CUDA graph capture (faster start, slower decode)."""
+    """Skip torch.compile and CUDA graphs: faster start, slower decode (on a small CPU compiling takes many minutes)."""
     enable_prefix_caching: bool = True
     """Reuse the KV cache of shared prompt prefixes (a group's siblings share their first prompt)."""
     seed: int = 0

@@ -307,7 +307,7 @@ def real_engine():
     source = resolve_model_source("smollm2-135m")
     model, tokenizer = load_policy(str(source), dtype=torch.float32)
     config = VLLMConfig(dtype="float32", max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=1024,
-                        enable_prefix_caching=False, sync_tolerance=1e-4)
+                        enable_prefix_caching=False, enforce_eager=True, sync_tolerance=1e-4)
     engine = VLLMEngine(source, config)
     yield engine, model, tokenizer
     engine.close()
@@ -330,9 +330,11 @@ def test_real_vllm_same_seeds_same_tokens_and_logprobs_match_hf(real_engine):
     assert [g.token_ids for g in first] == [g.token_ids for g in second]
     with torch.no_grad():
         logp, mask = response_logprobs(model, prompts, [g.token_ids for g in first], pad_token_id=tokenizer.eos_token_id)
-    gap = max(abs(a - float(b)) for g, row in zip(first, logp) for a, b in zip(g.logprobs, row))
-    print(f"max |vLLM - HF| log-prob over {sum(len(g.token_ids) for g in first)} sampled tokens: {gap:.2e}")
-    assert gap < 1e-5
+    gaps = [abs(a - float(b)) for g, row in zip(first, logp) for a, b in zip(g.logprobs, row)]
+    print(f"|vLLM - HF| log-prob over {len(gaps)} sampled tokens: max {max(gaps):.2e}, mean {sum(gaps) / len(gaps):.2e}")
+    # fp32 noise floor: two HF code paths on the same ids (logits_to_keep vs a full forward) differ by up to 2.5e-5
+    # on this 30-layer model (docs/real_models.md), so 1e-4 is the bound that separates noise from a real mismatch.
+    assert max(gaps) < 1e-4
 
 
 @pytest.mark.vllm
@@ -355,4 +357,5 @@ def test_real_vllm_generation_follows_the_weights_after_a_sync(real_engine):
     assert [g.token_ids for g in after] == [g.token_ids for g in expected]
     assert [g.token_ids for g in after] != [g.token_ids for g in before]
     gap = max(abs(a - b) for g, e in zip(after, expected) for a, b in zip(g.logprobs, e.logprobs))
-    assert gap < 1e-5
+    print(f"after the sync, max |vLLM - HF| greedy log-prob: {gap:.2e}")
+    assert gap < 1e-4
