@@ -31,7 +31,9 @@ MISSING_DATA_HINT = (
     "ALFWorld-domain games offline with no download."
 )
 OFFICIAL_SPLITS = ("train", "valid_seen", "valid_unseen")
-CORRUPT_OFFICIAL_HINT = "the ALFWorld data is damaged; download it again with `alfworld-download -f` (into $ALFWORLD_DATA)"
+CORRUPT_OFFICIAL_HINT = (
+    "the ALFWorld data is damaged; download it again with `alfworld-download -f` (into $ALFWORLD_DATA)"
+)
 #: Plans remembered per env, keyed by (task, state): agents often come back to a state they left.
 PLAN_MEMO_SIZE = 4096
 

@@ -163,7 +163,8 @@ if __name__ == "__main__":
     runner = GroupRunner(LOOP_ENV_ID, num_workers=2, timeout_s=None)
     runner.reset(["count-3-0"], 2)
     os.kill(runner.worker_pids[0], signal.SIGSTOP)
-    print(json.dumps({{"workers": runner.worker_pids, "forkserver": forkserver._forkserver._forkserver_pid}}), flush=True)
+    server = forkserver._forkserver._forkserver_pid
+    print(json.dumps({{"workers": runner.worker_pids, "forkserver": server}}), flush=True)
     runner.step(["add 1", "loop"])  # worker 0 is stopped and worker 1 loops: this never returns
 """
 
