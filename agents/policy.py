@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+# The policy depends on the tiny package (to resolve `--model tiny`), never the reverse (see agents/tiny/__init__.py).
+from craft_bench.agents import tiny
 from craft_bench.agents.engine import HFEngine, RolloutEngine, SamplingParams
 from craft_bench.agents.prompts import (
     PromptConfig,
@@ -23,7 +25,6 @@ from craft_bench.agents.prompts import (
     teacher_text,
     uses_chat_template,
 )
-from craft_bench.agents import tiny
 from craft_bench.agents.tiny import TINY_MODEL, count_parameters
 from craft_bench.envs.base import ActionFormat
 

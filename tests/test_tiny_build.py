@@ -200,3 +200,36 @@ def test_the_tiny_package_and_the_policy_import_each_other_in_no_cycle():
     assert not cycles, f"import cycle through {cycles}: {graph}"
     assert "craft_bench.agents.policy" not in graph["craft_bench.agents.tiny"]
     assert "craft_bench.agents.tiny" in graph["craft_bench.agents.policy"]
+
+
+@pytest.mark.slow
+def test_alfworldgen_builds_on_the_test_budget_and_plays(tmp_path, monkeypatch):
+    """The real default environment end to end: generated tasks, expert plans from ALFWorld's planner, a build, and
+    greedy episodes with the model on both prompts. Run with `pytest -m slow tests/test_tiny_build.py`."""
+    monkeypatch.setenv("CRAFT_BENCH_HOME", str(tmp_path))
+    path = tiny.tiny_model_path("craft/ALFWorldGen-v0", budget="test", progress=False, workers=0)
+    metadata = tiny.load_metadata(path)
+    assert metadata["collection"]["episodes_won"] > 0 and metadata["examples"] > 0
+    assert metadata["env_kwargs"] == {} and path.parent.name == "craft__ALFWorldGen-v0"
+    for with_privileged in (False, True):
+        result = evaluate_success(path, "craft/ALFWorldGen-v0", "valid", n_episodes=2, with_privileged=with_privileged,
+                                  max_steps=3, workers=0, progress=False)
+        assert result.n_episodes == 2 and result.steps_mean <= 3.0
+
+
+@pytest.mark.slow
+def test_model_tiny_works_for_textworld(tmp_path, monkeypatch):
+    """`--model tiny` on craft/TextWorld-v0: the policy builds the env's own tiny model (2 games, "test" budget)
+    and plays a held-out game with it. Compiles 3 TextWorld games. Run with `pytest -m slow tests/test_tiny_build.py`."""
+    from craft_bench.agents.policy import Policy
+
+    monkeypatch.setenv("CRAFT_BENCH_HOME", str(tmp_path))
+    options = {"env_id": "craft/TextWorld-v0", "env_kwargs": {"n_games": 2}, "budget": "test", "progress": False,
+               "workers": 0}
+    policy = Policy.from_pretrained("tiny", tiny_options=options)
+    (path,) = [p for p in (tmp_path / "models" / "tiny" / "craft__TextWorld-v0").iterdir() if p.is_dir()]
+    assert tiny.load_metadata(path)["collection"]["episodes_won"] > 0
+    result = evaluate_success(path, "craft/TextWorld-v0", "valid", n_episodes=1, with_privileged=True, max_steps=3,
+                              workers=0, progress=False, env_kwargs={"n_games": 1})
+    assert result.n_episodes == 1
+    assert policy.max_positions == tiny.BUDGETS["test"].max_positions
