@@ -2,10 +2,14 @@
 The harness writes with `make_result_row` and `write_result_csv`; `python -m craft_bench.leaderboard` is the CLI."""
 
 from craft_bench.leaderboard.schema import (
+    BASE_METHOD,
     KEY_COLUMNS,
     LEADERBOARD_COLUMNS,
+    NOT_APPLICABLE,
     REFERENCE_COLUMNS,
+    SCHEMA_VERSION,
     LeaderboardValidationError,
+    config_id,
     make_result_row,
     validate_csv,
     validate_rows,
@@ -13,10 +17,14 @@ from craft_bench.leaderboard.schema import (
 )
 
 __all__ = [
+    "BASE_METHOD",
     "KEY_COLUMNS",
     "LEADERBOARD_COLUMNS",
+    "NOT_APPLICABLE",
     "REFERENCE_COLUMNS",
+    "SCHEMA_VERSION",
     "LeaderboardValidationError",
+    "config_id",
     "make_result_row",
     "validate_csv",
     "validate_rows",
