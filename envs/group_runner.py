@@ -22,7 +22,7 @@ Design notes.
 5. The transport lives behind `WorkerPool`, so a Ray pool (`craft_bench.envs.ray_pool.RayPool`) can replace
    `LocalProcessPool` without touching the lockstep, masking and replay logic of `GroupRunner`.
 6. Hangs. Every env call (a reset, a step, or one action of a replay) must finish within `timeout_s`
-   (`DEFAULT_TIMEOUT_S`); workers count their finished calls in shared memory, so a long request of many quick
+   (`DEFAULT_TIMEOUT_S`; a worker's start-up and env constructions get `STARTUP_TIMEOUT_S`); workers count their finished calls in shared memory, so a long request of many quick
    calls never times out while one stuck call does, and the runner knows which call hung. A worker that misses the
    timeout (stopped by SIGSTOP, or an engine stuck in a loop) is killed, restarted and replayed like a dead one;
    the call it hung on gets one more try, and a second timeout of the same call raises `EnvTimeoutError` naming the
@@ -62,9 +62,10 @@ MAX_CONSECUTIVE_RESTARTS = 3
 #: steps up to 0.39 s (a two-object task's replan); TextWorld's first reset of a game compiles it (0.5-3 s). 60 s is
 #: a 7x margin over the worst of them, and still ends a hang within about two minutes (two tries).
 DEFAULT_TIMEOUT_S = 60.0
-#: A worker that has not finished starting (imports, first env construction excluded) after this many seconds, or
-#: `timeout_s` if larger, counts as hung: start-up is not an env call and takes seconds on a loaded machine.
-STARTUP_TIMEOUT_S = 120.0
+#: A worker that is starting (imports) or constructing an env (which may load a data set or an index: WebShop's,
+#: Search-QA's) for longer than this, or `timeout_s` if larger, counts as hung. Neither is an env call, and both can
+#: take minutes for large data, so they get their own, longer limit.
+STARTUP_TIMEOUT_S = 600.0
 #: How often a worker's watchdog thread wakes (it is woken at once by a hang-up of the main process's pipe).
 PARENT_POLL_S = 1.0
 #: What the runner does with an episode whose call timed out a second time: raise, or end it as truncated.
@@ -154,10 +155,12 @@ class _EnvHost:
         spec: gym.envs.registration.EnvSpec,
         env_kwargs: dict[str, Any],
         on_call: Callable[[], None] = lambda: None,
+        on_construct: Callable[[bool], None] = lambda constructing: None,
     ):
         self._spec = spec
         self._env_kwargs = env_kwargs
         self._on_call = on_call  # told after every env call, finished or failed (see `request_calls`)
+        self._on_construct = on_construct  # told when an env construction starts (True) and ends (False)
         self._free: list[tuple[str, gym.Env]] = []
         self._slots: dict[int, tuple[str, gym.Env]] = {}
 
@@ -174,7 +177,11 @@ class _EnvHost:
         elif self._free:
             env = self._free.pop()[1]
         else:
-            env = gym.make(self._spec, disable_env_checker=True, **self._env_kwargs)
+            self._on_construct(True)
+            try:
+                env = gym.make(self._spec, disable_env_checker=True, **self._env_kwargs)
+            finally:
+                self._on_construct(False)
         self._slots[slot] = (task_id, env)
         try:
             return env.reset(seed=seed, options={"task_id": task_id})
@@ -267,15 +274,19 @@ def die_with_main_process(conn: Connection) -> None:
 def _worker_main(
     conn: Connection, spec: gym.envs.registration.EnvSpec, env_kwargs: dict[str, Any], counters: Any
 ) -> None:
-    """Serve requests until the pipe closes or a None request arrives. `counters` is shared memory: [started (0/1),
-    env calls finished in the current request], read by the main process to tell a hung worker from a busy one."""
+    """Serve requests until the pipe closes or a None request arrives. `counters` is shared memory: [ready (0 while
+    starting or constructing an env, else 1), env calls finished in the current request], read by the main process
+    to tell a hung worker from a busy one."""
     die_with_main_process(conn)
     import craft_bench  # noqa: F401  (registers the craft/* ids in this process)
 
     def count_call() -> None:
         counters[1] += 1
 
-    host = _EnvHost(spec, env_kwargs, on_call=count_call)
+    def constructing(flag: bool) -> None:
+        counters[0] = 0 if flag else 1
+
+    host = _EnvHost(spec, env_kwargs, on_call=count_call, on_construct=constructing)
     counters[0] = 1
     while True:
         try:
@@ -439,8 +450,8 @@ class LocalProcessPool(WorkerPool):
     def call(self, requests: dict[int, Request]) -> dict[int, Reply | WorkerLost]:
         replies: dict[int, Reply | WorkerLost] = {}
         waiting: dict[Any, int] = {}
-        # worker -> (started, calls done, when either last changed): a worker is hung when neither moves for the
-        # timeout (or, before it has started, the start-up timeout).
+        # worker -> (ready, calls done, when either last changed): a worker is hung when neither moves for the
+        # timeout (or, while it starts or constructs an env, for the start-up limit).
         progress: dict[int, tuple[int, int, float]] = {}
         for worker, request in requests.items():
             conn, counters = self._conns[worker], self._counters[worker]
@@ -514,7 +525,7 @@ class LocalProcessPool(WorkerPool):
         process.kill()
         process.join()
         what = f"missed the {self.timeout_s:g} s timeout" if started else (
-            f"did not start within {self._limit(0):g} s"
+            f"did not start or construct its env within {self._limit(0):g} s"
         )
         return WorkerLost(f"{what} (stopped, or stuck in a call) and was killed", timed_out=True,
                           calls_done=calls if started else None)

@@ -58,10 +58,14 @@ class EnvActor:
         import craft_bench  # noqa: F401  (registers the craft/* ids in this process)
 
         self._calls = 0
-        self._host = _EnvHost(spec, env_kwargs, on_call=self._count_call)
+        self._constructing = False
+        self._host = _EnvHost(spec, env_kwargs, on_call=self._count_call, on_construct=self._set_constructing)
 
     def _count_call(self) -> None:
         self._calls += 1
+
+    def _set_constructing(self, flag: bool) -> None:
+        self._constructing = flag
 
     def pid(self) -> int:
         return os.getpid()
@@ -72,8 +76,9 @@ class EnvActor:
         results = self._host.serve(request)
         return results, time.process_time() - cpu_start
 
-    def calls(self) -> int:
-        return self._calls
+    def progress(self) -> tuple[bool, int]:
+        """(constructing an env now, env calls finished in the current request)."""
+        return self._constructing, self._calls
 
     def close(self) -> None:
         self._host.close()
@@ -186,10 +191,11 @@ class RayPool(WorkerPool):
         ray = self._ray
         replies: dict[int, Reply | WorkerLost] = {}
         refs: dict[Any, int] = {}
-        progress: dict[int, tuple[int, float]] = {}  # worker -> (calls finished, when that count last changed)
+        # worker -> ((constructing, calls finished), when that last changed)
+        progress: dict[int, tuple[tuple[bool, int], float]] = {}
         for worker, request in requests.items():
             refs[self._actors[worker].serve.remote(request)] = worker
-            progress[worker] = (0, time.monotonic())
+            progress[worker] = ((False, 0), time.monotonic())
         while refs:
             timeout = None
             if self.timeout_s is not None:
@@ -214,25 +220,29 @@ class RayPool(WorkerPool):
                 self._restart(worker)
         return replies
 
-    def _check_late(self, worker: int, progress: dict[int, tuple[int, float]]) -> WorkerLost | None:
-        """A WorkerLost (after killing the actor) if `worker` finished no call for `timeout_s`; else None."""
+    def _check_late(self, worker: int, progress: dict[int, tuple[tuple[bool, int], float]]) -> WorkerLost | None:
+        """A WorkerLost (after killing the actor) if `worker` finished no call for `timeout_s` (an env construction:
+        for `STARTUP_TIMEOUT_S`); else None."""
         ray = self._ray
         assert self.timeout_s is not None
-        calls, since = progress[worker]
+        (constructing, calls), since = progress[worker]
         now = time.monotonic()
+        limit = max(self.timeout_s, STARTUP_TIMEOUT_S) if constructing else self.timeout_s
         if now - since < self.timeout_s:
             return None
         try:
-            current = ray.get(self._actors[worker].calls.remote(), timeout=min(PROGRESS_QUERY_S, self.timeout_s))
+            current = ray.get(self._actors[worker].progress.remote(), timeout=min(PROGRESS_QUERY_S, self.timeout_s))
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             current = None  # stopped or dead: no count, so the call that hung is unknown
-        if current is not None and current != calls:
-            progress[worker] = (current, now)
+        if current is not None and tuple(current) != (constructing, calls):
+            progress[worker] = (tuple(current), now)
+            return None
+        if now - since < limit:
             return None
         ray.kill(self._actors[worker], no_restart=True)
         return WorkerLost(
-            f"missed the {self.timeout_s:g} s timeout (stopped, or stuck in a call) and was killed",
-            timed_out=True, calls_done=current,
+            f"missed the {limit:g} s timeout (stopped, or stuck in a call) and was killed",
+            timed_out=True, calls_done=None if current is None else current[1],
         )
 
     def close(self) -> None:
