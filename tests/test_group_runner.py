@@ -265,3 +265,18 @@ def test_env_calls_of_a_request_name_the_slot_that_a_hung_worker_was_on():
     assert request_calls(("reset", [(1, "count-3-0", 9)])) == [1]
     # A replay is one reset and one step per recorded action.
     assert request_calls(("replay", [(0, "t", 9, ["a", "b"]), (2, "t", 9, [])])) == [0, 0, 0, 2]
+
+
+def test_the_env_benchmark_runs_opt_in_family_rows_only_when_named(capsys, monkeypatch):
+    from craft_bench.bench import envs
+
+    with pytest.raises(SystemExit):
+        envs.main(["--family-rows", "nope"])
+    assert "unknown --family-rows ['nope']; valid: ['searchqa', 'webshop']" in capsys.readouterr().err
+    called = []
+    monkeypatch.setattr(envs, "family_rows", lambda family, *args: (called.append(family), ([], ""))[1])
+    monkeypatch.setattr(envs, "machine_scaling", lambda workers: 1.0)
+    monkeypatch.setattr(envs, "benchmark_tasks", lambda *args: (_ for _ in ()).throw(RuntimeError("no runner rows")))
+    envs.main(["--envs", "craft/WebShopGen-v0,craft/SearchQAGen-v0"])
+    envs.main(["--envs", "craft/WebShopGen-v0,craft/SearchQAGen-v0", "--family-rows", "webshop"])
+    assert called == ["webshop"]
