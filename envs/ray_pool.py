@@ -27,7 +27,7 @@ from craft_bench.envs.group_runner import (
 )
 
 RAY_MISSING = (
-    "pool='ray' needs Ray, an optional dependency: pip install 'craft-bench[ray]' (or pip install 'ray[default]'); "
+    "pool='ray' needs Ray, an optional dependency: pip install 'craft-bench[ray]' (or pip install 'ray>=2.9'); "
     "pool='local' runs the same workers as local processes"
 )
 #: Seconds to wait for an actor's count of finished calls when its request is late (a stopped actor never answers).
