@@ -666,12 +666,14 @@ class GroupRunner:
 
     # ------------------------------------------------------------------ public API
     def reset(
-        self, task_ids: Sequence[str], group_size: int, seed: int | None = None
+        self, task_ids: Sequence[str], group_size: int, seed: int | None = None, *, first_group: int = 0
     ) -> tuple[list[str], list[dict[str, Any]]]:
         """Start B = len(task_ids) groups of `group_size` siblings; returns (obs, infos) per slot.
 
         `seed` drives the envs' own randomness (see `group_seed`); None means the number of earlier resets of this
-        runner, so successive rounds differ and a re-run of the same calls gives the same episodes.
+        runner, so successive rounds differ and a re-run of the same calls gives the same episodes. `first_group`
+        numbers the groups from there (`group_ids`, and so their seeds): a data-parallel rank that plays groups
+        k..k+B-1 of a step resets them exactly as one process playing every group would.
         """
         if isinstance(task_ids, str):
             raise TypeError("task_ids must be a sequence of task id strings, got a single str")
@@ -685,7 +687,9 @@ class GroupRunner:
         self.seed = self.resets if seed is None else int(seed)
         self.resets += 1
         self.task_ids = [task for task in task_ids for _ in range(group_size)]
-        self.group_ids = [b for b in range(len(task_ids)) for _ in range(group_size)]
+        if isinstance(first_group, bool) or not isinstance(first_group, int) or first_group < 0:
+            raise ValueError(f"first_group must be an int >= 0, got {first_group!r}")
+        self.group_ids = [first_group + b for b in range(len(task_ids)) for _ in range(group_size)]
         self.histories = [[] for _ in range(self.num_slots)]
         self.active = [True] * self.num_slots
         self._worker_of = [slot % self.num_workers for slot in range(self.num_slots)]

@@ -280,3 +280,15 @@ def test_the_env_benchmark_runs_opt_in_family_rows_only_when_named(capsys, monke
     envs.main(["--envs", "craft/WebShopGen-v0,craft/SearchQAGen-v0"])
     envs.main(["--envs", "craft/WebShopGen-v0,craft/SearchQAGen-v0", "--family-rows", "webshop"])
     assert called == ["webshop"]
+
+
+def test_a_block_of_groups_resets_as_those_groups_of_the_whole_batch():
+    """What a data-parallel rank relies on: groups k.. played alone (`first_group=k`) start exactly as groups k.. of
+    the whole batch, with the same group ids."""
+    with GroupRunner(COUNTER_ENV_ID, num_workers=0) as runner:
+        whole, _ = runner.reset(TASKS, GROUP_SIZE, seed=7)
+        block, infos = runner.reset(TASKS[1:], GROUP_SIZE, seed=7, first_group=1)
+        assert runner.group_ids == [1, 1, 1, 2, 2, 2]
+        assert block == whole[GROUP_SIZE:]
+        with pytest.raises(ValueError, match="first_group"):
+            runner.reset(TASKS, GROUP_SIZE, seed=7, first_group=-1)
