@@ -227,6 +227,13 @@ def test_eval_only_without_a_trained_model_evaluates_the_initial_one_and_says_so
     # ... and a training run into the same directory afterwards is not blocked by it.
     assert run_main(argv[:-1]) == 0
     assert (run_dir / RESULT_FILE).exists()
+    # --steps is part of the run's identity, never silently ignored: --eval-only --steps 2 names another run, and
+    # the message points to the trained one.
+    capsys.readouterr()
+    other = [*argv[: argv.index("--steps")], "--steps", "2", "--eval-only"]
+    assert run_main(other) == 0
+    err = capsys.readouterr().err
+    assert "the initial model" in err and run_dir.name in err
 
 
 # ---------------------------------------------------------------------------------------------------- resume
