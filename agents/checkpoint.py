@@ -195,33 +195,48 @@ def _recorded_digests(path: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- guards
 def check_finite(step: int, losses: Iterable[torch.Tensor | float], model: torch.nn.Module, *, on_nonfinite: str = "stop") -> bool:
-    """The non-finite guard of one optimizer step, called after backward and before clipping and `optimizer.step`.
+    """The non-finite guard of one optimizer update, called after backward and before clipping and `optimizer.step`.
 
     True: every loss and gradient is finite. Otherwise `on_nonfinite` decides: "stop" raises NonFiniteError naming
     the step, the losses and the first parameters with a NaN/inf gradient (the checkpoint of the last good step is
     kept, since none is written after it); "skip" returns False, and the caller drops the gradients, does not step
     the optimizer, and records the skip (a skipped step still counts, so step numbering and seeds stay aligned).
+    With several data-parallel ranks, reduce `nonfinite_problem(...) is not None` over the ranks instead, so that
+    every rank takes the same decision.
     """
-    if on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
+    problem = nonfinite_problem(step, losses, model)
+    if problem is None:
+        return True
+    if on_nonfinite == "skip":
+        return False
+    raise NonFiniteError(problem + NONFINITE_ADVICE)
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+NONFINITE_ADVICE = (
+    ". The run stops here; the checkpoint of the last good step is kept. Lower lr (or raise grad clipping) and "
+    'resume, or set on_nonfinite="skip" to skip such steps'
+)
+
+
+def nonfinite_problem(step: int, losses: Iterable[torch.Tensor | float], model: torch.nn.Module) -> str | None:
+    """None if every loss and every gradient of `model` is finite, else what is not: "step N: loss [...] in
+    micro-batch(es) [...]; non-finite gradients in K parameter(s): name, ..." (the fast path is one reduction)."""
     values = [float(v.detach().float().sum()) if isinstance(v, torch.Tensor) else float(v) for v in losses]
     bad_losses = [i for i, v in enumerate(values) if not math.isfinite(v)]
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grads_finite = not grads or bool(torch.isfinite(torch.stack([g.detach().float().abs().sum() for g in grads])).all())
     if not bad_losses and grads_finite:
-        return True
-    if on_nonfinite == "skip":
-        return False
+        return None
     problems = []
     if bad_losses:
         problems.append(f"loss {[values[i] for i in bad_losses][:4]} in micro-batch(es) {bad_losses[:4]}")
     if not grads_finite:
         names = [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         problems.append(f"non-finite gradients in {len(names)} parameter(s): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
-    raise NonFiniteError(
-        f"step {step}: {'; '.join(problems)}. The run stops here; the checkpoint of the last good step is kept. "
-        "Lower lr (or raise grad clipping) and resume, or set on_nonfinite=\"skip\" to skip such steps"
-    )
+    return f"step {step}: {'; '.join(problems)}"
 
 
 def _nonfinite_tensors(value: Any, where: str) -> list[tuple[str, int]]:

@@ -273,6 +273,11 @@ def test_a_nonfinite_loss_or_gradient_stops_the_step_by_name(where, bad):
         assert "micro-batch(es) [1]" in str(info.value)
 
 
+def test_nonfinite_problem_describes_without_deciding():
+    assert ckpt.nonfinite_problem(3, [0.5], _model_with_grads()) is None
+    assert ckpt.nonfinite_problem(3, [float("inf")], _model_with_grads()) == "step 3: loss [inf] in micro-batch(es) [0]"
+
+
 def test_skip_policy_reports_a_nonfinite_step_without_raising():
     assert check_finite(2, [float("nan")], _model_with_grads(), on_nonfinite="skip") is False
     with pytest.raises(ValueError, match="on_nonfinite"):
