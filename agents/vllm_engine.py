@@ -78,7 +78,8 @@ class VLLMConfig:
     """Build with `enable_sleep_mode` (CUDA only) so `sleep()` frees vLLM's GPU memory while the trainer updates;
     `generate` and `sync_weights` wake it first."""
     sleep_level: int = 1
-    """vLLM sleep level: 1 offloads the weights to CPU memory and drops the KV cache; 2 drops both (a sync reloads)."""
+    """vLLM sleep level: 1 offloads the weights to CPU memory and drops the KV cache; 2 drops both, so the next
+    call must be `sync_weights` (generate refuses to run on discarded weights)."""
     enforce_eager: bool = False
     """Skip torch.compile and CUDA graphs: faster start, slower decode (on a small CPU compiling takes many minutes)."""
     enable_prefix_caching: bool = True
@@ -154,6 +155,7 @@ class VLLMEngine:
         self.max_num_batched_tokens = int(kwargs["max_num_batched_tokens"])
         self._broken: str | None = None
         self._asleep = False
+        self._weights_discarded = False
         self._probe_ids: list[int] | None = None
         self._own_sync_dir = config.sync_dir is None
         self.sync_dir = Path(config.sync_dir or tempfile.mkdtemp(prefix="craft-bench-vllm-sync-"))
@@ -177,6 +179,8 @@ class VLLMEngine:
                 )
         if not prompt_ids:
             return []
+        if self._weights_discarded:
+            raise RuntimeError("sleep level 2 discarded vLLM's weights: call sync_weights(model) before generate")
         self._wake()
         if self._probe_ids is None:
             self._probe_ids = list(prompt_ids[0][:16])
@@ -229,6 +233,7 @@ class VLLMEngine:
             self._broken = (f"after the weight reload, vLLM's probe log-prob differs from the trainer's by {gap} "
                             f"(> sync_tolerance {self.config.sync_tolerance})")
             raise WeightSyncError(f"vLLM {self._broken}; this engine cannot be used again")
+        self._weights_discarded = False
         self.last_sync = {"save_s": saved - tick, "reload_s": reloaded - saved,
                           "probe_s": time.perf_counter() - reloaded, "probe_gap": gap}
         return self.last_sync
@@ -256,6 +261,7 @@ class VLLMEngine:
         self._check_usable()
         self._call_engine(lambda: self.llm.sleep(level=self.config.sleep_level))
         self._asleep = True
+        self._weights_discarded = self.config.sleep_level == 2
 
     def _wake(self) -> None:
         if self._asleep:

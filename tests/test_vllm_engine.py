@@ -259,12 +259,18 @@ def test_a_dead_vllm_engine_marks_this_engine_broken(fake_vllm, tmp_path):
 
 
 def test_sleep_mode_sleeps_on_request_and_wakes_before_the_next_call(fake_vllm, tmp_path):
-    engine = make_engine(tmp_path, sleep_between_rollouts=True, sleep_level=2)
+    engine = make_engine(tmp_path, sleep_between_rollouts=True)
     engine.sleep()
     engine.generate([[1]], SamplingParams(max_new_tokens=1), seeds=[0])
     engine.sleep()
     engine.sync_weights(BigramLM(seed=0))
-    assert FakeLLM.last.events[:5] == ["sleep2", "wake", "generate", "sleep2", "wake"]
+    assert FakeLLM.last.events[:5] == ["sleep1", "wake", "generate", "sleep1", "wake"]
+    deep = make_engine(tmp_path, sleep_between_rollouts=True, sleep_level=2)  # level 2 drops the weights
+    deep.sleep()
+    with pytest.raises(RuntimeError, match="call sync_weights"):
+        deep.generate([[1]], SamplingParams(max_new_tokens=1), seeds=[0])
+    deep.sync_weights(BigramLM(seed=0))
+    assert deep.generate([[1]], SamplingParams(max_new_tokens=1), seeds=[0])[0].token_ids
     quiet = make_engine(tmp_path)  # without sleep mode, sleep() is a no-op
     quiet.sleep()
     assert FakeLLM.last.events == []
