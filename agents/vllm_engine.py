@@ -388,6 +388,7 @@ def describe(config: VLLMConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "INSTALL_HINT", "EngineBrokenError", "VLLMConfig", "VLLMEngine", "WeightSyncError", "describe", "generation_from_output",
+    "INSTALL_HINT", "EngineBrokenError", "VLLMConfig", "VLLMEngine", "WeightSyncError", "describe",
+    "generation_from_output",
     "import_vllm", "save_state_dict", "token_budget_chunks",
 ]

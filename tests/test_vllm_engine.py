@@ -335,9 +335,11 @@ def test_real_vllm_same_seeds_same_tokens_and_logprobs_match_hf(real_engine):
     second = engine.generate(prompts, sampling, seeds=[1, 2, 3, 4])
     assert [g.token_ids for g in first] == [g.token_ids for g in second]
     with torch.no_grad():
-        logp, mask = response_logprobs(model, prompts, [g.token_ids for g in first], pad_token_id=tokenizer.eos_token_id)
+        logp, _ = response_logprobs(model, prompts, [g.token_ids for g in first],
+                                    pad_token_id=tokenizer.eos_token_id)
     gaps = [abs(a - float(b)) for g, row in zip(first, logp) for a, b in zip(g.logprobs, row)]
-    print(f"|vLLM - HF| log-prob over {len(gaps)} sampled tokens: max {max(gaps):.2e}, mean {sum(gaps) / len(gaps):.2e}")
+    print(f"|vLLM - HF| log-prob over {len(gaps)} sampled tokens: max {max(gaps):.2e}, "
+          f"mean {sum(gaps) / len(gaps):.2e}")
     # fp32 noise floor: two HF code paths on the same ids (logits_to_keep vs a full forward) differ by up to 2.5e-5
     # on this 30-layer model (docs/real_models.md), so 1e-4 is the bound that separates noise from a real mismatch.
     assert max(gaps) < 1e-4
