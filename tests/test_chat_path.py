@@ -71,8 +71,8 @@ def test_prompts_use_the_chat_template_with_the_system_prompt_and_the_privileged
 def test_a_tagged_reply_in_the_models_own_tokens_parses_to_the_action(policy, first_turn):
     observation, info = first_turn[0]
     action = info["admissible_actions"][0]
-    reply = f"I will look around first. <action>{action}</action>"
-    reply_ids = policy.tokenizer.encode(reply, add_special_tokens=False)
+    text = f"I will look around first. <action>{action}</action>"
+    reply_ids = policy.tokenizer.encode(text, add_special_tokens=False)
     reply = policy.tokenizer.decode(reply_ids + [policy.tokenizer.eos_token_id], skip_special_tokens=True)
     assert parse_action(reply, chat=True) == action
     assert parse_action("I would go to the desk.", chat=True) is None  # tag-less replies are invalid actions
