@@ -11,6 +11,7 @@ BENCHMARKS = {
     "envs": "environment steps per second: raw engines, one craft-bench env, the group runner",
     "rollout": "tokens and environment steps per second during rollouts, teacher-scoring share",
     "losses": "time and peak memory of every method's loss and backward; CRAFT's cost over SDAR",
+    "train": "one training step phase by phase against the plain forward/backward limit; TRL GRPOTrainer side by side",
 }
 
 

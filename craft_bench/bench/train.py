@@ -1,0 +1,315 @@
+"""`python -m craft_bench.bench train`: one full training step of the embedded default timed phase by phase, each
+phase's tokens/s against this machine's plain forward(+backward) throughput of the same model, and TRL's GRPOTrainer
+beside craft-bench's `grpo` on the same model, batch and a single-turn task.
+
+Phases come from the trainer's own `time/*` metrics (generation, env, scoring of θ_old + teacher + reference,
+update); the tokens each phase processes are counted by wrapping the scoring function and the engine's `generate`
+for the timed step only (counting changes no result). One warm-up step (worker start-up, first-call overheads) runs
+before the timed one. The limits are measured on the timed step's own update rows: a plain `model(ids).loss`
+forward through the transformer (LM head on the last position only), and forward + backward, over the same
+micro-batches; a phase near 100% of its limit has nothing left to gain but fewer or shorter sequences. Generation
+runs with a KV cache and counts prompt + new tokens, so it can exceed the forward limit.
+
+The TRL comparison (optional `bench` extra: `pip install craft-bench[bench]`) plays the first turn of B training tasks
+as a single-turn task (reward: the reply is the expert's first action), G completions each, one update, with
+`GRPOTrainer` (β = 0, one iteration, CPU) and with craft-bench's `grpo` at `max_turns=1`; both time one step after a
+warm-up step and report step time and processed tokens/s. If TRL is missing or fails, the table says so and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from craft_bench.agents import rollout as rollout_module
+from craft_bench.agents import trainer as trainer_module
+from craft_bench.agents.presets import preset_values
+from craft_bench.agents.trainer import METRICS_FILE, TrainConfig, Trainer
+
+#: Phases of a step, as (label, metrics.csv column, which limit applies: fwd or fwd+bwd).
+PHASES = (
+    ("generation", "time/generate_s", "fwd"),
+    ("env", "time/env_s", None),
+    ("scoring (θ_old + teacher + ref)", "time/score_s", "fwd"),
+    ("update", "time/update_s", "fwd+bwd"),
+)
+
+
+@dataclass
+class TokenCounts:
+    """Tokens processed per phase during the counted step (prompt + response tokens of every scored row)."""
+
+    generate_prompt: int = 0
+    generate_new: int = 0
+    score: int = 0
+    update: int = 0
+    update_rows: list[tuple[list[int], list[int]]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def count_tokens(trainer: Trainer, counts: TokenCounts) -> Iterator[None]:
+    """Count what the trainer processes: scoring calls without grad are `score`, with grad `update`; generate calls
+    count prompt and new tokens. Restores every wrapped function on exit."""
+    originals: list[tuple[Any, str, Any]] = []
+
+    def wrap_scoring(module: Any) -> None:
+        original = getattr(module, "response_logprobs", None)
+        if original is None:
+            return
+
+        def counted(model, prompts, responses, *args, **kwargs):
+            tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+            if torch.is_grad_enabled():
+                counts.update += tokens
+                counts.update_rows.extend((list(p), list(r)) for p, r in zip(prompts, responses))
+            else:
+                counts.score += tokens
+            return original(model, prompts, responses, *args, **kwargs)
+
+        originals.append((module, "response_logprobs", original))
+        module.response_logprobs = counted
+
+    for module in (trainer_module, rollout_module):
+        wrap_scoring(module)
+    engine = trainer.policy.engine
+    generate = engine.generate
+
+    def counted_generate(prompt_ids, sampling, seeds, *args, **kwargs):
+        out = generate(prompt_ids, sampling, seeds, *args, **kwargs)
+        counts.generate_prompt += sum(len(p) for p in prompt_ids)
+        counts.generate_new += sum(len(g.token_ids) for g in out)
+        return out
+
+    engine.generate = counted_generate
+    try:
+        yield
+    finally:
+        for module, name, original in originals:
+            setattr(module, name, original)
+        engine.generate = generate
+
+
+def plain_throughput(model: torch.nn.Module, rows: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                     micro_batch: int, backward: bool) -> float:
+    """Tokens/s of a plain forward (or forward + backward of a scalar of the last logits) over `rows` (prompt +
+    response, right padded, `micro_batch` rows per pass); pad tokens are not counted."""
+    sequences = [p + r for p, r in rows]
+    tokens = sum(len(s) for s in sequences)
+    model.train(backward)
+    tick = time.perf_counter()
+    for start in range(0, len(sequences), micro_batch):
+        chunk = sequences[start:start + micro_batch]
+        width = max(len(s) for s in chunk)
+        ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in chunk])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk])
+        with torch.set_grad_enabled(backward):
+            # Every token through the transformer, the LM head on the last position only: the trainer's scoring also
+            # keeps only response positions for the head, so a full-vocabulary head everywhere would be no limit.
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+            loss = logits.float().logsumexp(-1).mean()
+            if backward:
+                loss.backward()
+    elapsed = time.perf_counter() - tick
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return tokens / elapsed
+
+
+def timed_step(config: TrainConfig, run_dir: Path) -> tuple[dict[str, float], TokenCounts, dict[str, float], Trainer]:
+    """Warm-up step 0, then step 1 counted; returns step 1's metrics row, its token counts and the plain limits."""
+    trainer = Trainer(config, run_dir, progress=False)
+    counts = TokenCounts()
+    try:
+        trainer.config.steps = 1
+        trainer.train()
+        trainer.config.steps = 2
+        with count_tokens(trainer, counts):
+            trainer.train()
+        row = pd.read_csv(run_dir / METRICS_FILE).iloc[-1].to_dict()
+        limits = {
+            "fwd": plain_throughput(trainer.model, counts.update_rows, trainer.pad_id, config.micro_batch_rows, False),
+            "fwd+bwd": plain_throughput(trainer.model, counts.update_rows, trainer.pad_id, config.micro_batch_rows, True),
+        }
+    finally:
+        trainer.close()
+    return row, counts, limits, trainer
+
+
+def phase_table(row: dict[str, float], counts: TokenCounts, limits: dict[str, float]) -> list[str]:
+    """The markdown rows of the phase table."""
+    tokens = {
+        "time/generate_s": counts.generate_prompt + counts.generate_new,
+        "time/env_s": None,
+        "time/score_s": counts.score,
+        "time/update_s": counts.update,
+    }
+    lines = ["| phase | seconds | share of step | tokens | tokens/s | % of plain limit |", "|---|---|---|---|---|---|"]
+    step_s = float(row.get("time/step_s", math.nan))
+    for label, column, limit in PHASES:
+        seconds = float(row.get(column, math.nan))
+        n = tokens[column]
+        rate = n / seconds if n is not None and seconds > 0 else math.nan
+        share = f"{seconds / step_s:.0%}" if step_s > 0 else "n/a"
+        percent = f"{rate / limits[limit]:.0%} of {limit}" if limit and not math.isnan(rate) else "-"
+        lines.append(f"| {label} | {seconds:.3f} | {share} | {n if n is not None else '-'} | "
+                     f"{'-' if math.isnan(rate) else f'{rate:,.0f}'} | {percent} |")
+    lines.append(f"| whole step | {step_s:.3f} | 100% | {counts.generate_prompt + counts.generate_new + counts.score + counts.update} | - | - |")
+    lines.append(f"| limit: plain forward | - | - | - | {limits['fwd']:,.0f} | 100% |")
+    lines.append(f"| limit: plain forward + backward | - | - | - | {limits['fwd+bwd']:,.0f} | 100% |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------- TRL
+def single_turn_prompts(config: TrainConfig, tokenizer, n_tasks: int) -> list[dict[str, str]]:
+    """The first turn of the first `n_tasks` training tasks as text prompts with the expert's first action."""
+    import gymnasium as gym
+
+    from craft_bench.agents.prompts import PromptConfig, format_prompt, student_text
+
+    env = gym.make(config.env_id, **{**config.env_kwargs, "split": config.train_split, "max_steps": 1})
+    rows = []
+    try:
+        for index in range(n_tasks):
+            obs, info = env.reset(seed=config.seed, options={"task_index": index})
+            text = student_text(info["goal"], [], obs, info["admissible_actions"], PromptConfig(config.history_turns),
+                                info.get("action_format"))
+            plan = info["privileged"]["expert_plan"]
+            rows.append({"prompt": format_prompt(tokenizer, text, info.get("action_format")),
+                         "expert": plan[0] if plan else ""})
+    finally:
+        env.close()
+    return rows
+
+
+def trl_step(model_path: str, config: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """One warm-up and one timed GRPOTrainer step on the single-turn task; raises ImportError without TRL."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from craft_bench.agents.policy import stop_token_ids
+    from craft_bench.agents.prompts import parse_action, uses_chat_template
+    from craft_bench.envs.base import normalize_action
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    chat = uses_chat_template(tokenizer)
+    rows = single_turn_prompts(config, tokenizer, config.tasks_per_step)
+    expert = {r["prompt"]: r["expert"] for r in rows}
+
+    def reward(prompts, completions, **kwargs):
+        return [float(normalize_action(parse_action(c, chat) or "") == normalize_action(expert[p]))
+                for p, c in zip(prompts, completions)]
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.tick = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.tick)
+
+    batch = config.tasks_per_step * config.group_size
+    args = GRPOConfig(
+        output_dir=str(run_dir), per_device_train_batch_size=batch, num_generations=config.group_size,
+        max_completion_length=config.max_new_tokens, max_steps=2, learning_rate=config.lr, beta=0.0,
+        num_iterations=1, temperature=config.temperature, use_cpu=True, bf16=False, report_to="none",
+        logging_steps=1000, save_strategy="no", seed=config.seed, disable_tqdm=True,
+        # The same stop rule as craft-bench's policy (EOS, and newlines in the plain format), so both generate
+        # replies of the same length.
+        generation_kwargs={"eos_token_id": stop_token_ids(tokenizer, chat)},
+    )
+    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows] * 2)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[StepTimer()])
+    with contextlib.redirect_stdout(io.StringIO()):  # TRL prints its log dicts with tqdm disabled
+        trainer.train()
+    return {"step_s": times[-1]}
+
+
+def craft_single_turn(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """craft-bench's grpo on the same single-turn shape: max_turns=1, B x G episodes, one update; step 1 timed."""
+    single = TrainConfig(**{**config.__dict__, "method": "grpo", "method_options": {}, "max_turns": 1})
+    row, _, _, _ = timed_step(single, run_dir)
+    return {"step_s": float(row["time/step_s"]), "env_s": float(row["time/env_s"])}
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m craft_bench.bench train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny (built with --budget) | a local path or hub id")
+    parser.add_argument("--budget", default="smoke", help="tiny-model build budget: test | smoke | default")
+    parser.add_argument("--env", default="craft/ALFWorldGen-v0", help="env id (the embedded default)")
+    parser.add_argument("--env-kwargs", default="{}", help="JSON dict of env kwargs")
+    parser.add_argument("--method", default="craft", help="method of the timed step (cpu preset options)")
+    parser.add_argument("--tasks", type=int, default=4, help="B: tasks per step")
+    parser.add_argument("--group-size", type=int, default=4, help="G: siblings per task")
+    parser.add_argument("--max-turns", type=int, default=15)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--micro-batch-rows", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="environment worker processes (0: in process)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    values = preset_values("cpu", args.method)
+    config = TrainConfig(
+        method=args.method, method_options=values.get("method_options", {}), env_id=args.env,
+        env_kwargs=json.loads(args.env_kwargs), model=args.model, tiny_budget=args.budget, seed=args.seed, steps=2,
+        tasks_per_step=args.tasks, group_size=args.group_size, max_turns=args.max_turns,
+        max_new_tokens=args.max_new_tokens, micro_batch_rows=args.micro_batch_rows, num_workers=args.workers,
+        eval_episodes=1, checkpoint_every=1000,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        row, counts, limits, trainer = timed_step(config, Path(tmp) / "step")
+        model_path = str(getattr(trainer.model, "name_or_path", "") or args.model)
+        print(f"model: {model_path} ({sum(p.numel() for p in trainer.model.parameters()):,} parameters); "
+              f"env: {args.env}; method: {args.method} {json.dumps(config.method_options)}; B={args.tasks} "
+              f"G={args.group_size} turns<={args.max_turns} max_new_tokens={args.max_new_tokens}; "
+              f"torch threads {args.threads}, env workers {args.workers}")
+        print(f"timed step: {int(row['rollout/rows'])} rows, {counts.generate_new} generated tokens\n")
+        print("\n".join(phase_table(row, counts, limits)))
+        print()
+        if args.no_trl:
+            print("TRL comparison: skipped (--no-trl)")
+            return
+        craft = craft_single_turn(config, Path(tmp) / "single")
+        completions = args.tasks * args.group_size
+        craft_line = (f"| craft-bench grpo | {craft['step_s']:.3f} | {craft['step_s'] - craft['env_s']:.3f} | "
+                      f"{completions / craft['step_s']:.1f} |")
+        try:
+            trl = trl_step(model_path, config, Path(tmp) / "trl")
+        except Exception as error:  # noqa: BLE001 - any TRL failure is reported; the craft-bench rows stand
+            hint = " (`pip install craft-bench[bench]`)" if isinstance(error, ImportError) else ""
+            print(f"TRL comparison: skipped, {type(error).__name__}: {str(error)[:300]}{hint}")
+            print(craft_line)
+            return
+        print(f"single-turn GRPO step (B={args.tasks} prompts x G={args.group_size}, max_new_tokens="
+              f"{args.max_new_tokens}, one update; TRL scores by a reward function, craft-bench steps its env):")
+        print("| trainer | s / step | s / step without env | completions / s |")
+        print("|---|---|---|---|")
+        print(craft_line)
+        print(f"| TRL GRPOTrainer | {trl['step_s']:.3f} | {trl['step_s']:.3f} | {completions / trl['step_s']:.1f} |")
+        print(f"throughput ratio craft-bench / TRL: {trl['step_s'] / craft['step_s']:.2f}x with env, "
+              f"{trl['step_s'] / max(craft['step_s'] - craft['env_s'], 1e-9):.2f}x without (> 1: craft-bench is faster)")
+
+if __name__ == "__main__":
+    main()

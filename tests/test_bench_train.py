@@ -1,0 +1,32 @@
+"""Smoke test of `python -m craft_bench.bench train`: with a tiny model and a fake env it prints the phase table
+(every phase, its seconds and tokens/s against the plain limits) and says what happened to the TRL comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from fake_envs import COUNTER_ENV_ID
+
+from craft_bench.bench.__main__ import main as bench_main
+
+MODEL = Path(__file__).parent / "data" / "h1_tiny_test_model"
+SMALL = ["--model", str(MODEL), "--env", COUNTER_ENV_ID, "--tasks", "2", "--group-size", "2", "--max-turns", "2",
+         "--max-new-tokens", "4", "--workers", "0"]
+
+
+def test_bench_train_prints_every_phase_against_the_plain_limits(capsys):
+    threads = torch.get_num_threads()
+    try:
+        bench_main(["train", *SMALL, "--no-trl"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    for phase in ("generation", "env", "scoring (θ_old + teacher + ref)", "update", "whole step",
+                  "limit: plain forward", "limit: plain forward + backward"):
+        assert phase in rows, out
+    for phase in ("generation", "scoring (θ_old + teacher + ref)", "update"):
+        cells = [c.strip() for c in rows[phase].split("|")[1:-1]]
+        assert float(cells[1]) > 0 and int(cells[3]) > 0 and "% of fwd" in cells[5], rows[phase]
+    assert "TRL comparison: skipped (--no-trl)" in out
