@@ -307,7 +307,9 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    # A data-parallel wrapper (DDP) forwards keyword arguments to the model it wraps: ask that model.
+    inner = getattr(model, "module", model)
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def _length_sorted_chunks(lengths: Sequence[int], size: int) -> list[list[int]]:

@@ -36,7 +36,7 @@ class Row:
     """The sampler's log-probs of `response_ids`."""
     group_id: int
     episode_id: int
-    """The runner slot that played the episode (unique within a batch)."""
+    """The step-wide slot that played the episode (unique within a step, across data-parallel ranks too)."""
     turn_idx: int
     reply: str
     """The decoded reply."""
@@ -51,7 +51,8 @@ class Row:
 
 @dataclass
 class Episode:
-    """Per-episode outcome, indexed by `episode_id` (the slot). Its return is `episodes.episode_return(won, n_invalid)`."""
+    """Per-episode outcome. `episode_id` is the step-wide slot (the runner's slot plus the block's first slot); its
+    return is `episodes.episode_return(won, n_invalid)`."""
 
     episode_id: int
     group_id: int
@@ -144,13 +145,16 @@ def collect_rollouts(
     history_turns: int | None = None,
     with_teacher: bool = True,
     act_on: str = "student",
+    first_group: int = 0,
 ) -> RolloutBatch:
     """Play `task_ids` x `group_size` episodes to the end (the environment's max_steps), one generate call per turn.
 
     `history_turns` overrides the policy's PromptConfig.history_turns (H). `with_teacher=False` skips the teacher
-    prompts (evaluation). `max_turns` stops early as a safety net; the environment's own max_steps normally ends
-    every episode first. `act_on="teacher"` samples from the teacher prompt instead of the student's: it measures
+    prompts (evaluation). `act_on="teacher"` samples from the teacher prompt instead of the student's: it measures
     the privileged teacher itself (its rows' log-probs are then the teacher's, not a student rollout's).
+    `first_group` is the step-wide index of the first task's group (a data-parallel rank plays a block of the step's
+    groups): group ids, episode ids (global slots) and sampling seeds are numbered from it, so a block played alone
+    gives exactly the rows that one process playing every group would.
     Returns the rows ordered by (episode_id, turn_idx).
     """
     if act_on not in ("student", "teacher"):
@@ -159,11 +163,12 @@ def collect_rollouts(
     if history_turns is not None and history_turns != policy.prompt_config.history_turns:
         policy = _with_prompt_config(policy, replace(policy.prompt_config, history_turns=history_turns))
     started = time.perf_counter()
-    observations, infos = runner.reset(list(task_ids), group_size, seed=reset_seed(seed, step))
+    observations, infos = runner.reset(list(task_ids), group_size, seed=reset_seed(seed, step), first_group=first_group)
     slots = len(observations)
+    first_slot = first_group * group_size
     env_time = time.perf_counter() - started
     episodes = [
-        Episode(slot, int(runner.group_ids[slot]), str(infos[slot]["task_id"]), str(infos[slot]["task_type"]))
+        Episode(first_slot + slot, int(runner.group_ids[slot]), str(infos[slot]["task_id"]), str(infos[slot]["task_type"]))
         for slot in range(slots)
     ]
     histories: list[list[tuple[str, str]]] = [[] for _ in range(slots)]
@@ -187,7 +192,7 @@ def collect_rollouts(
             for slot in playing
         ]
         tick = time.perf_counter()
-        seeds = [sample_seed(seed, step, slot, turn) for slot in playing]
+        seeds = [sample_seed(seed, step, first_slot + slot, turn) for slot in playing]
         acting = [p.teacher_ids if act_on == "teacher" else p.student_ids for p in prompts]
         acts = policy.act(acting, sampling, seeds)  # type: ignore[arg-type]
         generate_time += time.perf_counter() - tick
@@ -209,7 +214,7 @@ def collect_rollouts(
                     response_ids=act.response_ids,
                     logprobs=act.logprobs,
                     group_id=episodes[slot].group_id,
-                    episode_id=slot,
+                    episode_id=first_slot + slot,
                     turn_idx=turn,
                     reply=act.reply,
                     action=act.env_action,

@@ -20,11 +20,9 @@ Left out: sequence packing; value functions (GRPO needs none).
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import csv
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,7 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from craft_bench.agents import checkpoint as ckpt
 from craft_bench.agents import losses as L
+from craft_bench.agents import run_files
+from craft_bench.agents.distributed import DataParallel
 from craft_bench.agents.engine import response_logprobs
 from craft_bench.agents.episodes import episode_return, summarize
 from craft_bench.agents.methods import Method, combine_metrics, make_method
@@ -70,8 +71,8 @@ class TrainConfig:
     model: str = "tiny"
     """A Hugging Face hub id, a local path, or "tiny" (built offline by craft-bench)."""
     tiny_budget: str = "default"
-    """With model="tiny": the build preset of agents/tiny_model.py (the tiny model is built for `env_id`, seed 0, so
-    every run seed starts from the same checkpoint and seeds differ only in RL)."""
+    """With model="tiny": the build budget of agents/tiny/ (`smoke`, `default`, ...). The tiny model is built for
+    `env_id` with seed 0, so every run seed starts from the same checkpoint and seeds differ only in RL."""
     seed: int = 0
     """Run seed: task choice, sampling and CRINGE draws are all derived from it."""
     steps: int = 10
@@ -120,6 +121,9 @@ class TrainConfig:
     """torch device of the policy."""
     checkpoint_every: int = 1
     """Steps between checkpoints (1: a kill loses no finished step)."""
+    on_nonfinite: str = "stop"
+    """A NaN or inf loss or gradient: "stop" raises at that step (the last good checkpoint is kept), "skip" drops
+    that optimizer update and counts it in optim/skipped_updates."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -135,6 +139,8 @@ class TrainConfig:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            problems.append(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
@@ -158,21 +164,43 @@ class TrainState:
     """Training time spent so far, across resumes."""
     env_steps: int = 0
     env_time_s: float = 0.0
+    world_size: int = 1
+    """Data-parallel processes that made the checkpoint: a resume must use as many (batched sampling rounds
+    differently with another split of the groups, so the continuation would not be the same run)."""
 
 
 class Trainer:
     """Owns the policy, optimizer, method and environment runners of one run directory."""
 
-    def __init__(self, config: TrainConfig, run_dir: str | Path, *, progress: bool = True, loggers: list | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: str | Path,
+        *,
+        progress: bool = True,
+        loggers: list | None = None,
+        data_parallel: DataParallel | None = None,
+    ):
         from craft_bench.envs.group_runner import GroupRunner
 
+        # Data parallel (agents/distributed.py): each rank plays a block of whole groups; rank 0 writes the files.
+        self.dp = data_parallel or DataParallel()
+        self.dp.check_groups(config.tasks_per_step)
+        if self.dp.world_size > 1 and config.mini_batch_rows:
+            raise ValueError(
+                "mini_batch_rows (several updates per rollout) is not supported with several processes yet: each "
+                "update needs the same number of mini-batches on every rank; leave it unset or run one process"
+            )
         self.config = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
         self.loggers = list(loggers or [])
         self.method: Method = make_method(config.method, **config.method_options)
-        tiny_options = {"env_id": config.env_id, "budget": config.tiny_budget, "progress": progress} if config.model == "tiny" else None
+        tiny_options = (
+            {"env_id": config.env_id, "env_kwargs": config.env_kwargs, "budget": config.tiny_budget, "progress": progress}
+            if config.model == "tiny" else None
+        )
         self.policy = Policy.from_pretrained(config.model, device=config.device, tiny_options=tiny_options)
         self.model: torch.nn.Module = self.policy.engine.model  # type: ignore[attr-defined]
         self.pad_id = pad_token_id(self.policy.tokenizer)
@@ -182,7 +210,10 @@ class Trainer:
         self.reference = _frozen_copy(self.model) if (needs.reference or self.teacher == "ref") else None
         self.ema = _frozen_copy(self.model) if self.teacher == "ema" else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.state = TrainState()
+        # The differentiable forward goes through the DDP wrapper (gradients averaged over ranks); sampling and the
+        # no-grad scores use the model itself, which every rank holds whole.
+        self.train_model = self.dp.accelerator.prepare_model(self.model) if self.dp.world_size > 1 else self.model
+        self.state = TrainState(world_size=self.dp.world_size)
         env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns}
         self.train_runner = GroupRunner(config.env_id, {**env_kwargs, "split": config.train_split}, config.num_workers)
         self._eval_runner = None  # started on first evaluation: a training-only process never pays for its workers
@@ -209,9 +240,11 @@ class Trainer:
             self.state.step = step + 1
             self.state.wall_clock_s += time.perf_counter() - tick
             row["time/step_s"] = time.perf_counter() - tick
-            self._append_metrics(row)
-            if self.state.step % config.checkpoint_every == 0 or self.state.step == config.steps:
-                self.save_checkpoint()
+            # Every rank holds the same weights, optimizer and method state after a step: rank 0 writes them.
+            if self.dp.is_main:
+                self._append_metrics(row)
+                if self.state.step % config.checkpoint_every == 0 or self.state.step == config.steps:
+                    self.save_checkpoint()
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(success=f"{row['env/success']:.2f}", loss=f"{row.get('loss/total', float('nan')):.3f}")
         return self.state
@@ -220,13 +253,16 @@ class Trainer:
         """One rollout batch, `ppo_epochs` x mini-batches optimizer updates; returns the step's metrics row."""
         config, method, model = self.config, self.method, self.model
         needs = method.needs
-        # 1. Rollouts: B tasks drawn from (seed, step) only, so a resumed run draws the same ones.
+        # 1. Rollouts: B tasks drawn from (seed, step) only, so a resumed run draws the same ones; this rank plays
+        #    its block of whole groups, numbered as in the whole step.
         rng = np.random.default_rng([config.seed, step])
         tasks = [self.train_tasks[i] for i in rng.choice(len(self.train_tasks), config.tasks_per_step, replace=False)]
+        block = self.dp.group_block(len(tasks))
         sampling = self.policy.sampling(config.temperature, config.top_p, config.max_new_tokens)
         rollout = collect_rollouts(
-            self.train_runner, self.policy, tasks, config.group_size, sampling=sampling, seed=config.seed, step=step,
-            history_turns=config.history_turns, with_teacher=needs.teacher is not None,
+            self.train_runner, self.policy, tasks[block.start : block.stop], config.group_size, sampling=sampling,
+            seed=config.seed, step=step, history_turns=config.history_turns, with_teacher=needs.teacher is not None,
+            first_group=block.start,
         )
         # 2. Returns and GRPO advantages, per episode, then broadcast to every turn of the episode.
         episodes = rollout.episodes
@@ -255,49 +291,72 @@ class Trainer:
         score_s = time.perf_counter() - tick
         full = L.TokenBatch(
             logp=None, old_logp=old_logp, ref_logp=ref_logp, teacher_logp=teacher_logp, mask=mask,
-            advantages=episode_adv[tensors.episode_id], group_id=tensors.group_id, episode_id=tensors.episode_id,
+            advantages=episode_adv[tensors.episode_id - block.start * config.group_size], group_id=tensors.group_id,
+            episode_id=tensors.episode_id,
             turn_idx=tensors.turn_idx, tokens=tensors.response_ids if needs.tokens else None,
         )
 
         # 4. Everything of θ_old once (gate, credit, λ/α), then the updates: mini-batches of rows in order, each with
         #    its own token-mean denominator; micro-batches inside a mini-batch only bound memory.
         tick = time.perf_counter()
-        ctx = method.prepare(full, step=step)
+        ctx = method.prepare(full, step=step, reduce=self.dp.sum)
         model.train()
         width = mask.shape[1]
         mini = config.mini_batch_rows or full.rows
         updates: list[dict[str, float]] = []
         grad_norms: list[float] = []
+        skipped = 0
         for _epoch in range(config.ppo_epochs):
             for start in range(0, full.rows, mini):
                 stop = min(start + mini, full.rows)
-                update_ctx = ctx.with_tokens(mask[start:stop].sum())
+                (n_update,) = self.dp.sum([float(mask[start:stop].sum())])
+                update_ctx = ctx.with_tokens(n_update)
                 self.optimizer.zero_grad(set_to_none=True)
-                parts = []
-                for begin in range(start, stop, config.micro_batch_rows):
+                parts, losses = [], []
+                micro_starts = range(start, stop, config.micro_batch_rows)
+                for begin in micro_starts:
                     rows = slice(begin, min(begin + config.micro_batch_rows, stop))
-                    scored = response_logprobs(
-                        model, prompts[rows], responses[rows], pad_token_id=self.pad_id, return_logits=needs.logits
-                    )
-                    micro = full.select(rows)
-                    micro.logp = _pad_columns(scored[0], width)
-                    if needs.logits:
-                        micro.logits = _pad_columns(scored[2], width)
-                    loss, metrics = method.loss(micro, update_ctx.select(rows))
-                    loss.backward()
+                    # Gradients accumulate locally over a rank's micro-batches; the last one synchronises the ranks.
+                    with self._no_sync(last=begin == micro_starts[-1]):
+                        scored = response_logprobs(
+                            self.train_model, prompts[rows], responses[rows], pad_token_id=self.pad_id,
+                            return_logits=needs.logits,
+                        )
+                        micro = full.select(rows)
+                        micro.logp = _pad_columns(scored[0], width)
+                        if needs.logits:
+                            micro.logits = _pad_columns(scored[2], width)
+                        loss, metrics = method.loss(micro, update_ctx.select(rows))
+                        (loss * self.dp.loss_scale).backward()
                     parts.append(metrics)
-                grad_norms.append(_clip_gradients(model, config.grad_clip))
-                self.optimizer.step()
+                    losses.append(loss.detach())
+                # The non-finite guard (issue 15 #6), one decision for every rank: "stop" raises here, before this
+                # step's metrics row and checkpoint, so the last good checkpoint stays; "skip" drops this update.
+                problem = ckpt.nonfinite_problem(step, losses, model)
+                (ranks_bad,) = self.dp.sum([float(problem is not None)])
+                if not ranks_bad:
+                    grad_norms.append(_clip_gradients(model, config.grad_clip))
+                    self.optimizer.step()
+                elif config.on_nonfinite == "stop":
+                    raise ckpt.NonFiniteError((problem or f"step {step}: a NaN or inf on another rank") + ckpt.NONFINITE_ADVICE)
+                else:
+                    skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 updates.append(combine_metrics(parts))
         metrics = _mean_over_updates(updates)
-        method.end_step(ctx.stats)
-        if self.ema is not None:
-            _ema_update(self.ema, model, config.ema_decay)
+        if skipped < len(updates):  # a step whose every update was skipped leaves Pillar 2 and the EMA as they were
+            method.end_step(ctx.stats)
+            if self.ema is not None:
+                _ema_update(self.ema, model, config.ema_decay)
         update_s = time.perf_counter() - tick
 
-        # 5. The metrics row.
-        self.state.env_steps += rollout.env_steps
+        # 5. The metrics row, of the whole step: with several ranks, episodes are gathered and loss shares summed.
+        rows_total, tokens_total, env_steps = self.dp.sum([full.rows, float(mask.sum()), rollout.env_steps])
+        if self.dp.world_size > 1:
+            episodes = [episode for part in self.dp.gather(episodes) for episode in part]
+            loss_keys = sorted(key for key in metrics if key.startswith("loss/"))
+            metrics.update(zip(loss_keys, self.dp.sum([metrics[key] for key in loss_keys])))
+        self.state.env_steps += int(env_steps)
         self.state.env_time_s += rollout.timings["env_s"]
         summary = summarize(episodes, config.success_reward, config.invalid_penalty)
         return {
@@ -309,12 +368,13 @@ class Trainer:
             "env/steps_mean": summary.steps_mean,
             "env/invalid_rate": summary.invalid_rate,
             "env/steps_per_s": rollout.env_steps / max(rollout.timings["env_s"], 1e-9),
-            "rollout/rows": float(full.rows),
-            "rollout/tokens": float(mask.sum()),
+            "rollout/rows": rows_total,
+            "rollout/tokens": tokens_total,
             "rollout/sampler_logp_gap": _sampler_gap(tensors.sampler_logp, old_logp, mask, config.temperature, config.top_p),
-            "optim/grad_norm": sum(grad_norms) / len(grad_norms),
+            "optim/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else math.nan,
             "optim/lr": config.lr,
             "optim/updates": float(len(updates)),
+            "optim/skipped_updates": float(skipped),
             **metrics,
             "time/rollout_s": rollout.timings["rollout_s"],
             "time/generate_s": rollout.timings["generate_s"],
@@ -322,6 +382,12 @@ class Trainer:
             "time/score_s": score_s,
             "time/update_s": update_s,
         }
+
+    def _no_sync(self, last: bool):
+        """Inside: backward accumulates this rank's gradients without synchronising (all but the last micro-batch)."""
+        if self.dp.world_size == 1 or last:
+            return contextlib.nullcontext()
+        return self.dp.accelerator.no_sync(self.train_model)
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> list[dict[str, Any]]:
@@ -354,21 +420,20 @@ class Trainer:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "config": asdict(self.config),
         }
-        target = self.run_dir / CHECKPOINT_FILE
-        tmp = target.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, target)
+        ckpt.save_checkpoint(self.run_dir / CHECKPOINT_FILE, payload)
 
     def load_checkpoint(self) -> bool:
-        """Restore the last checkpoint if there is one, and drop metrics rows of steps it does not contain."""
+        """Restore the last checkpoint if there is one, and drop metrics rows of steps it does not contain.
+
+        Loading is weights-only and checks the digest and finiteness (agents/checkpoint.py): a damaged or forged
+        file raises CheckpointError naming it. A resume may change the fields of run_files.RESUME_MAY_CHANGE."""
         path = self.run_dir / CHECKPOINT_FILE
         if not path.exists():
-            _truncate_metrics(self.run_dir / METRICS_FILE, 0)
+            if self.dp.is_main:
+                run_files.truncate_metrics(self.run_dir / METRICS_FILE, 0)
             return False
-        payload = torch.load(path, map_location=self.config.device, weights_only=False)
-        saved = payload["config"]
-        mine = asdict(self.config)
-        differing = sorted(k for k in mine if k != "steps" and saved.get(k) != mine[k])
+        payload = ckpt.load_checkpoint(path, self.config.device)
+        differing = run_files.config_differences(payload["config"], asdict(self.config), asdict(TrainConfig()))
         if differing:
             raise ValueError(
                 f"{self.run_dir}: the checkpoint was made with a different config ({', '.join(differing)} differ); "
@@ -379,8 +444,15 @@ class Trainer:
         self.method.load_state_dict(payload["method"])
         if self.ema is not None and payload["ema"] is not None:
             self.ema.load_state_dict(payload["ema"])
-        self.state = TrainState(**payload["state"])
-        _truncate_metrics(self.run_dir / METRICS_FILE, self.state.step)
+        state = TrainState(**payload["state"])
+        if state.world_size != self.dp.world_size:
+            raise ValueError(
+                f"{self.run_dir}: the checkpoint was made by {state.world_size} data-parallel process(es), this run has "
+                f"{self.dp.world_size}; resume with the same number of processes or start a new run directory"
+            )
+        self.state = state
+        if self.dp.is_main:
+            run_files.truncate_metrics(self.run_dir / METRICS_FILE, self.state.step)
         return True
 
     def save_final_model(self) -> Path:
@@ -397,22 +469,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ logging
     def _append_metrics(self, row: dict[str, float]) -> None:
-        """Append one row (fsync'd); a metric that first appears mid-run widens the file instead of failing."""
-        path = self.run_dir / METRICS_FILE
-        header = _csv_header(path)
-        if header and list(row) != header:
-            columns = header + [key for key in row if key not in header]
-            with path.open(newline="") as handle:
-                rows = list(csv.DictReader(handle))
-            _write_csv_atomic(path, columns, rows)
-            header = columns
-        with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=header or list(row), restval="")
-            if not header:
-                writer.writeheader()
-            writer.writerow(row)
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Append one row (fsync'd); a metric that first appears mid-run widens the file, a torn last line left by a
+        kill is dropped first (agents/run_files.py)."""
+        run_files.append_metrics(self.run_dir / METRICS_FILE, row)
         for logger in self.loggers:
             logger.log(row, step=int(row["step"]))
 
@@ -473,43 +532,9 @@ def _sampler_gap(sampler_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch
     return float(gap.mean())
 
 
-def _truncate_metrics(path: Path, steps_done: int) -> None:
-    """Keep only the rows of finished, checkpointed steps (a kill may leave a row the checkpoint does not cover)."""
-    header = _csv_header(path)
-    if not header:
-        return
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    kept = [r for r in rows if int(r["step"]) < steps_done]
-    if len(kept) != len(rows):
-        _write_csv_atomic(path, header, kept)
-
-
-def _csv_header(path: Path) -> list[str]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as handle:
-        return next(csv.reader(handle), [])
-
-
-def _write_csv_atomic(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
 def _progress(iterable, desc: str, enabled: bool, initial: int = 0, total: int | None = None):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, initial=initial, total=total, dynamic_ncols=True)
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

@@ -237,8 +237,6 @@ def test_eval_only_without_a_trained_model_evaluates_the_initial_one_and_says_so
 
 
 # ---------------------------------------------------------------------------------------------------- resume
-@pytest.mark.xfail(strict=True, reason="needs Trainer.load_checkpoint to use agents.run_files.config_differences "
-                   "(the lead's wiring of issue 15 #22); delete this marker with that wiring")
 def test_resume_with_another_worker_count_continues_the_run(model_dir, tmp_path):
     argv = small_args(model_dir, tmp_path, "--method", "grpo", "--steps", "2")
     (config,) = build_configs(parse_args(argv))
@@ -255,7 +253,6 @@ def test_resume_with_another_worker_count_continues_the_run(model_dir, tmp_path)
 WIRING = "needs the lead's wiring of Trainer.save_checkpoint/load_checkpoint/train to agents.checkpoint (issue 15 #1, #6); delete this marker with that wiring"
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_resume_refuses_a_forged_checkpoint_without_running_it(model_dir, tmp_path):
     argv = small_args(model_dir, tmp_path, "--method", "grpo", "--steps", "1")
     assert run_main(argv) == 0
@@ -276,7 +273,6 @@ def test_resume_refuses_a_forged_checkpoint_without_running_it(model_dir, tmp_pa
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_a_nan_step_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tmp_path):
     from craft_bench.agents.checkpoint import NonFiniteError, load_checkpoint
     from craft_bench.agents.trainer import TrainConfig, Trainer
@@ -304,7 +300,6 @@ def test_a_nan_step_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, 
     assert pd.read_csv(tmp_path / METRICS_FILE)["step"].tolist() == [0]
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_skip_policy_drops_a_nonfinite_update_and_the_run_goes_on(model_dir, tmp_path):
     from craft_bench.agents.checkpoint import load_checkpoint
     from craft_bench.agents.trainer import TrainConfig, Trainer

@@ -270,9 +270,9 @@ def test_the_methods_teacher_option_chooses_the_teacher_weights(teacher, model_d
         seen["rollout"] = real_collect(*args, **kwargs)
         return seen["rollout"]
 
-    def prepare(batch, step=None):
+    def prepare(batch, step=None, reduce=None):
         seen["teacher_logp"] = batch.teacher_logp.clone()
-        return real_prepare(batch, step)
+        return real_prepare(batch, step, reduce)
 
     monkeypatch.setattr(trainer_module, "collect_rollouts", collect)
     monkeypatch.setattr(trainer.method, "prepare", prepare)

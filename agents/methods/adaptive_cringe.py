@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from craft_bench.agents import losses as L
-from craft_bench.agents.methods.base import Needs, StepContext, option
+from craft_bench.agents.methods.base import Needs, Reduce, StepContext, option
 from craft_bench.agents.methods.controller import ControlledOptions, ControlledSdar
 
 
@@ -37,8 +37,8 @@ class AdaptiveCringe(ControlledSdar):
     def needs(self) -> Needs:
         return dataclasses.replace(super().needs, logits=True, tokens=True)
 
-    def _context(self, batch: L.TokenBatch, **common: Any) -> StepContext:
-        ctx = super()._context(batch, **common)
+    def _context(self, batch: L.TokenBatch, reduce: Reduce, **common: Any) -> StepContext:
+        ctx = super()._context(batch, reduce, **common)
         gap = L.teacher_gap(batch.teacher_logp, batch.old_logp)
         ctx.metrics["cringe/neg_frac"] = float(((gap < 0) & batch.mask).sum()) / max(int(batch.mask.sum()), 1)
         return ctx

@@ -19,7 +19,7 @@ own token-mean denominator. `loss(batch)` alone is the single-batch case.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -145,6 +145,15 @@ class StepContext:
         return dataclasses.replace(self, n_tokens=float(n_tokens))
 
 
+Reduce = Callable[[Sequence[float]], list[float]]
+"""Element-wise sum of a list of numbers over data-parallel ranks."""
+
+
+def local_sum(values: Sequence[float]) -> list[float]:
+    """The `Reduce` of a single process: the numbers themselves."""
+    return [float(v) for v in values]
+
+
 def row_keys(batch: L.TokenBatch) -> Tensor:
     """(R, 3) int64 (group_id, episode_id, turn_idx), on the CPU."""
     return torch.stack([batch.group_id.long(), batch.episode_id.long(), batch.turn_idx.long()], dim=1).cpu()
@@ -233,18 +242,26 @@ class Method:
 
     # -- the step context ------------------------------------------------------------------------------------------
 
-    def prepare(self, batch: L.TokenBatch, step: int | None = None) -> StepContext:
+    def prepare(self, batch: L.TokenBatch, step: int | None = None, reduce: Reduce | None = None) -> StepContext:
         """Everything that needs the whole step, detached. `batch.logp` is not used and may be None. `step` is the
-        training step's index (default: the number of `end_step` calls so far)."""
+        training step's index (default: the number of `end_step` calls so far).
+
+        `reduce` sums a list of numbers over data-parallel ranks (agents/distributed.py); every step-wide count
+        (the token-mean denominator, the gate's counts) goes through it, so that a rank holding a block of the
+        step's groups gets the statistics of the whole step. Default: this process holds the whole step.
+        """
         self._check(batch, with_logp=False)
         step = self._steps_seen if step is None else int(step)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        return self._context(batch, n_tokens=float(batch.mask.sum()), alpha=self.options.alpha, step=step,
+        reduce = reduce or local_sum
+        (n_tokens,) = reduce([float(batch.mask.sum())])
+        return self._context(batch, reduce, n_tokens=n_tokens, alpha=self.options.alpha, step=step,
                              row_keys=row_keys(batch))
 
-    def _context(self, batch: L.TokenBatch, **common: Any) -> StepContext:
-        """Hook: build this method's context from the full batch and the common fields."""
+    def _context(self, batch: L.TokenBatch, reduce: Reduce, **common: Any) -> StepContext:
+        """Hook: build this method's context from the full batch and the common fields; step-wide counts go
+        through `reduce`."""
         return StepContext(**common)
 
     # -- the loss terms: pure functions of (batch, ctx) --------------------------------------------------------------

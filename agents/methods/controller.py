@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from craft_bench.agents import losses as L
-from craft_bench.agents.methods.base import StepContext, StepStats, option
+from craft_bench.agents.methods.base import Reduce, StepContext, StepStats, option
 from craft_bench.agents.methods.sdar import Sdar, SdarOptions
 
 
@@ -80,8 +80,8 @@ class ControlledSdar(Sdar):
         """Whether Pillar 2 is on (always, unless a subclass has a switch)."""
         return True
 
-    def _context(self, batch: L.TokenBatch, **common: Any) -> StepContext:
-        ctx = super()._context(batch, **common)
+    def _context(self, batch: L.TokenBatch, reduce: Reduce, **common: Any) -> StepContext:
+        ctx = super()._context(batch, reduce, **common)
         if self.controller is None:
             return ctx
         ctx.metrics.update(self.controller.metrics())

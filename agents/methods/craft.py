@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from craft_bench.agents import losses as L
-from craft_bench.agents.methods.base import StepContext, option
+from craft_bench.agents.methods.base import Reduce, StepContext, option
 from craft_bench.agents.methods.controller import ControlledOptions, ControlledSdar
 from craft_bench.agents.methods.sdar import DistillContext
 
@@ -53,8 +53,8 @@ class Craft(ControlledSdar):
     def uses_controller(self) -> bool:
         return self.options.p2
 
-    def _context(self, batch: L.TokenBatch, **common: Any) -> StepContext:
-        base = super()._context(batch, **common)
+    def _context(self, batch: L.TokenBatch, reduce: Reduce, **common: Any) -> StepContext:
+        base = super()._context(batch, reduce, **common)
         ctx = CraftContext(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
         o = self.options
         if o.p1:

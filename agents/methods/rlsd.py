@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from craft_bench.agents import losses as L
-from craft_bench.agents.methods.base import StepContext, TeacherMethod, TeacherOptions, option
+from craft_bench.agents.methods.base import Reduce, StepContext, TeacherMethod, TeacherOptions, option
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Rlsd(TeacherMethod):
     name = "rlsd"
     Options: ClassVar[type] = RlsdOptions
 
-    def _context(self, batch: L.TokenBatch, **common: Any) -> StepContext:
+    def _context(self, batch: L.TokenBatch, reduce: Reduce, **common: Any) -> StepContext:
         o = self.options
         lam = rlsd_lambda(o.lam, common["step"], o.warmdown_steps)
         return RlsdContext(**common, lam=lam, metrics={"rlsd/lambda": lam})

@@ -9,7 +9,9 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from craft_bench.agents import losses as L
-from craft_bench.agents.methods.base import TEACHERS, StepContext, StepStats, TeacherMethod, TeacherOptions, option
+from craft_bench.agents.methods.base import (
+    TEACHERS, Reduce, StepContext, StepStats, TeacherMethod, TeacherOptions, option,
+)
 
 __all__ = ["TEACHERS", "DistillContext", "Opsd", "OpsdOptions", "Sdar", "SdarOptions"]
 
@@ -46,10 +48,13 @@ class Sdar(TeacherMethod):
         """(R, T) detached gate g = σ(βΔ)."""
         return L.sdar_gate(L.teacher_gap(batch.teacher_logp, batch.old_logp), self.beta)
 
-    def _context(self, batch: L.TokenBatch, **common: Any) -> StepContext:
-        gate = self.gate(batch)
-        activity = L.gate_activity(gate, batch.mask)
-        metrics = {"sdar/gate_mean": float(L.token_mean(gate, batch.mask)), "sdar/gate_activity": activity}
+    def _context(self, batch: L.TokenBatch, reduce: Reduce, **common: Any) -> StepContext:
+        gate, mask = self.gate(batch), batch.mask
+        # Pillar 2's input, a(n) = fraction of the step's valid tokens with g > 0.5 (`losses.gate_activity`), from
+        # counts summed over data-parallel ranks.
+        active, gate_sum, valid = reduce([float(((gate > 0.5) & mask).sum()), float(gate[mask].sum()), float(mask.sum())])
+        activity = active / valid if valid else 0.0
+        metrics = {"sdar/gate_mean": gate_sum / valid if valid else 0.0, "sdar/gate_activity": activity}
         return DistillContext(**common, lam=self.options.lam, stats=StepStats(gate_activity=activity), metrics=metrics)
 
     def extra_terms(self, batch: L.TokenBatch, ctx: StepContext) -> dict[str, Tensor]:
