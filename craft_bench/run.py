@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from craft_bench.agents.checkpoint import CheckpointError, NonFiniteError, digest_path, load_checkpoint
+from craft_bench.agents.distributed import DataParallel
 from craft_bench.agents.methods import METHOD_NAMES, make_method
 from craft_bench.agents.policy import count_parameters
 from craft_bench.agents.run_files import (
@@ -187,12 +188,26 @@ def run_name(config: TrainConfig) -> str:
     return "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts)
 
 
-def run_one(config: TrainConfig, out: Path, *, resume: bool, eval_only: bool, overwrite: bool, progress: bool, loggers: list[str]) -> dict[str, Any]:
-    """Train (unless eval-only), evaluate, write the run's files; returns its leaderboard row.
+def run_one(
+    config: TrainConfig, out: Path, *, resume: bool, eval_only: bool, overwrite: bool, progress: bool,
+    loggers: list[str], dp: DataParallel | None = None,
+) -> dict[str, Any] | None:
+    """Train (unless eval-only), evaluate, write the run's files; returns its leaderboard row (None on the
+    data-parallel ranks other than 0, which train but neither write nor evaluate).
 
     The run directory is locked for the whole call, so a second process is refused (naming this one's pid) instead
     of writing every step twice. A start that fails before writing anything removes the directory it created."""
+    dp = dp or DataParallel()
+    if eval_only and dp.world_size > 1:
+        raise SystemExit("error: --eval-only runs in one process; launch it without accelerate/torchrun")
     run_dir = out / run_name(config)
+    if not dp.is_main:  # rank 0 makes, locks and checks the directory; the others follow it
+        dp.barrier()
+        try:
+            return _train_and_evaluate(config, run_dir, resume=resume, overwrite=overwrite, progress=False,
+                                       loggers=[], dp=dp)
+        except (CheckpointError, NonFiniteError) as error:
+            raise SystemExit(f"error: {error}") from None
     created = [d for d in (out, run_dir) if not d.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
@@ -203,7 +218,11 @@ def run_one(config: TrainConfig, out: Path, *, resume: bool, eval_only: bool, ov
     try:
         if eval_only:
             return _evaluate_only(config, run_dir, progress=progress)
-        return _train_and_evaluate(config, run_dir, resume=resume, overwrite=overwrite, progress=progress, loggers=loggers)
+        if dp.world_size > 1:
+            _check_fresh_or_resumed(run_dir, resume=resume, overwrite=overwrite)
+            dp.barrier()
+        return _train_and_evaluate(config, run_dir, resume=resume, overwrite=overwrite, progress=progress,
+                                   loggers=loggers, dp=dp)
     except (CheckpointError, NonFiniteError) as error:
         raise SystemExit(f"error: {error}") from None
     finally:
@@ -221,7 +240,9 @@ def run_one(config: TrainConfig, out: Path, *, resume: bool, eval_only: bool, ov
 TRAINING_OUTPUTS = (CONFIG_FILE, METRICS_FILE, EVAL_FILE, RESULT_FILE, CHECKPOINT_FILE, digest_path(CHECKPOINT_FILE).name, FINAL_MODEL_DIR)
 
 
-def _train_and_evaluate(config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool, progress: bool, loggers: list[str]) -> dict[str, Any]:
+def _check_fresh_or_resumed(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over a finished or interrupted run unless told to resume or overwrite it; --overwrite
+    removes its training outputs."""
     existing = [name for name in TRAINING_OUTPUTS if (run_dir / name).exists()]
     if existing and not (resume or overwrite):
         raise SystemExit(f"error: {run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, --eval-only to evaluate it, or --overwrite to start over")
@@ -229,7 +250,15 @@ def _train_and_evaluate(config: TrainConfig, run_dir: Path, *, resume: bool, ove
         for name in TRAINING_OUTPUTS:
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    trainer = _start_trainer(config, run_dir, progress=progress)
+
+
+def _train_and_evaluate(
+    config: TrainConfig, run_dir: Path, *, resume: bool, overwrite: bool, progress: bool, loggers: list[str],
+    dp: DataParallel,
+) -> dict[str, Any] | None:
+    if dp.world_size == 1:  # with several ranks, rank 0 checked before the others started
+        _check_fresh_or_resumed(run_dir, resume=resume, overwrite=overwrite)
+    trainer = _start_trainer(config, run_dir, progress=progress, dp=dp)
     try:
         trainer.loggers = _make_loggers(loggers, run_dir, config)
         policy_sha256 = _weights_sha256(trainer)  # the initial weights, before a checkpoint replaces them
@@ -237,13 +266,19 @@ def _train_and_evaluate(config: TrainConfig, run_dir: Path, *, resume: bool, ove
             resumed = trainer.load_checkpoint() if resume else False
         except ValueError as error:  # a different config in the checkpoint
             raise SystemExit(f"error: {error}") from None
-        if resume and not resumed:
+        if resume and not resumed and dp.is_main:
             print(f"{run_dir}: no checkpoint to resume, starting at step 0", file=sys.stderr)
-        write_json_atomic(run_dir / CONFIG_FILE, {**_config_record(config, trainer), "policy_sha256": policy_sha256})
+        if dp.is_main:
+            write_json_atomic(run_dir / CONFIG_FILE, {**_config_record(config, trainer), "policy_sha256": policy_sha256})
         trainer.train()
+        if not dp.is_main:  # rank 0 saves, evaluates and writes the results of the one model every rank holds
+            dp.barrier()
+            return None
         trainer.save_final_model()
         write_json_atomic(run_dir / FINAL_MODEL_DIR / FINAL_STATE_FILE, asdict(trainer.state))
-        return _evaluate_into(config, trainer, run_dir / EVAL_FILE, run_dir / RESULT_FILE, policy_sha256)
+        row = _evaluate_into(config, trainer, run_dir / EVAL_FILE, run_dir / RESULT_FILE, policy_sha256)
+        dp.barrier()
+        return row
     finally:
         trainer.close()
         for logger in trainer.loggers:
@@ -316,10 +351,10 @@ def _final_model_steps(run_dir: Path) -> tuple[int, str]:
     return len(rows), f"{METRICS_FILE} ({FINAL_STATE_FILE} is missing)"
 
 
-def _start_trainer(config: TrainConfig, run_dir: Path, *, progress: bool) -> Trainer:
+def _start_trainer(config: TrainConfig, run_dir: Path, *, progress: bool, dp: DataParallel | None = None) -> Trainer:
     """The Trainer, with a model or environment that cannot be loaded reported in one line."""
     try:
-        return Trainer(config, run_dir, progress=progress)
+        return Trainer(config, run_dir, progress=progress, data_parallel=dp)
     except (OSError, ValueError, ImportError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise SystemExit(f"error: could not start the run with --model {config.model} on {config.env_id}: {first}") from None
@@ -450,9 +485,14 @@ def main(argv: list[str] | None = None) -> int:
     loggers = [name.strip() for name in args.log.split(",") if name.strip() and name.strip() != "csv"]
     check_loggers(loggers)
     out = Path(args.out)
+    # Launched by accelerate or torchrun (WORLD_SIZE > 1): data-parallel ranks (agents/distributed.py).
+    dp = DataParallel.from_environment(configs[0].device)
     rows = []
     for config in configs:
-        rows.append(run_one(config, out, resume=args.resume, eval_only=args.eval_only, overwrite=args.overwrite, progress=not args.no_progress, loggers=loggers))
+        rows.append(run_one(config, out, resume=args.resume, eval_only=args.eval_only, overwrite=args.overwrite,
+                            progress=not args.no_progress, loggers=loggers, dp=dp))
+    if not dp.is_main:
+        return 0
     table = _summary(rows)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
