@@ -16,7 +16,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from craft_bench.envs.group_runner import (
+from craft_bench.envs.worker_pool import (
     DEFAULT_TIMEOUT_S,
     STARTUP_TIMEOUT_S,
     Reply,
@@ -55,7 +55,6 @@ class EnvActor:
         for entry in sys_path:
             if entry not in sys.path and os.path.isdir(entry):
                 sys.path.append(entry)
-        import craft_bench  # noqa: F401  (registers the craft/* ids in this process)
 
         self._calls = 0
         self._constructing = False

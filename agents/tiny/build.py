@@ -9,6 +9,7 @@ recipe version and the craft-bench version.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import hashlib
 import json
 import os
@@ -21,7 +22,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-import craft_bench
 from craft_bench.agents.prompts import PromptConfig
 from craft_bench.agents.tiny.budget import RECIPE_VERSION, TinyBudget, resolve_budget
 from craft_bench.agents.tiny.data import ExpertRecord, collect_expert_records
@@ -100,7 +100,7 @@ def train_and_save(
         "seed": seed,
         "budget": dataclasses.asdict(budget),
         "recipe_version": RECIPE_VERSION,
-        "craft_bench_version": craft_bench.__version__,
+        "craft_bench_version": _package_version(),
         "prompt_config": dataclasses.asdict(PromptConfig(history_turns=budget.history_turns)),
         "newline_token_id": newline_token_id(tokenizer),
         "parameters": count_parameters(model),
@@ -137,7 +137,7 @@ def build_key(
     seed, budget, recipe and craft-bench versions."""
     settings = {
         "env_id": env_id, "env_kwargs": dict(env_kwargs or {}), "env": env_fingerprint or {}, "seed": seed,
-        "budget": dataclasses.asdict(budget), "recipe": RECIPE_VERSION, "craft_bench": craft_bench.__version__,
+        "budget": dataclasses.asdict(budget), "recipe": RECIPE_VERSION, "craft_bench": _package_version(),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -199,3 +199,8 @@ def load_metadata(model_path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{model_path} has no {METADATA_FILE}; is it a tiny model built by craft-bench?")
     return json.loads(path.read_text())
+
+
+def _package_version() -> str:
+    """The installed craft-bench version (read from the distribution, so agents/ never imports the top layer)."""
+    return importlib.metadata.version("craft-bench")
