@@ -182,7 +182,12 @@ def load_policy(
         raise ValueError(f"tiny_options apply only to --model {TINY_MODEL!r}, not to {model!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = str(tiny.tiny_model_path(**(tiny_options or {}))) if model == TINY_MODEL else model
+    if model == TINY_MODEL:
+        source = str(tiny.tiny_model_path(**(tiny_options or {})))
+    else:
+        from craft_bench.agents.models import resolve_model_source  # smollm2-135m, local dirs, .gguf files
+
+        source = str(resolve_model_source(model))
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

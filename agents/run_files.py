@@ -231,7 +231,9 @@ def _as_step(value: Any) -> int | None:
 #: id): `num_workers` (every random draw comes from (seed, step, task, sibling), not from the worker that plays it),
 #: `checkpoint_every` (a resumed run equals an uninterrupted one), `micro_batch_rows` and `device` (float rounding
 #: only: a run resumed on another device or micro-batch size is no longer bit-identical to an uninterrupted one).
-RESUME_MAY_CHANGE = frozenset({"steps", "num_workers", "checkpoint_every", "micro_batch_rows", "device"})
+RESUME_MAY_CHANGE = frozenset(
+    {"steps", "num_workers", "env_workers", "ray_address", "checkpoint_every", "micro_batch_rows", "device"}
+)
 
 
 def config_differences(
@@ -306,6 +308,8 @@ FIELD_RANGES: dict[str, Range] = {
 #: Fields with a fixed set of values.
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "on_nonfinite": ("stop", "skip"),
+    "engine": ("hf", "vllm"),
+    "env_workers": ("local", "ray", "inprocess"),
 }
 
 

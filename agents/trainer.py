@@ -116,7 +116,18 @@ class TrainConfig:
     eval_temperature: float = 0.0
     """Evaluation temperature (0 = greedy)."""
     num_workers: int | None = None
-    """Environment worker processes (default: the number of cores)."""
+    """Environment worker processes (default: the number of cores; with env_workers="ray", the cluster's CPUs)."""
+    env_workers: str = "local"
+    """Where environment workers run: "local" processes, "ray" actors (extra `ray`), or "inprocess" (debugging).
+    Results do not depend on it."""
+    ray_address: str | None = None
+    """With env_workers="ray": None starts or joins a local Ray, "auto" or "ray://host:10001" joins a cluster."""
+    engine: str = "hf"
+    """Rollout engine: "hf" (the trainer's own model) or "vllm" (extra `vllm`; weights synced after every step).
+    Teacher, reference and θ_old scoring always run on the trainer's model."""
+    vllm_options: dict[str, Any] = field(default_factory=dict)
+    """With engine="vllm": overrides of agents.vllm_engine.VLLMConfig (gpu_memory_utilization, tensor_parallel_size,
+    max_num_batched_tokens, sleep_between_rollouts, ...)."""
     device: str = "cpu"
     """torch device of the policy."""
     checkpoint_every: int = 1
@@ -139,6 +150,10 @@ class TrainConfig:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
+        if self.engine not in ("hf", "vllm"):
+            problems.append(f"engine must be 'hf' or 'vllm', got {self.engine!r}")
+        if self.env_workers not in ("local", "ray", "inprocess"):
+            problems.append(f"env_workers must be 'local', 'ray' or 'inprocess', got {self.env_workers!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             problems.append(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if problems:
@@ -204,6 +219,16 @@ class Trainer:
         self.policy = Policy.from_pretrained(config.model, device=config.device, tiny_options=tiny_options)
         self.model: torch.nn.Module = self.policy.engine.model  # type: ignore[attr-defined]
         self.pad_id = pad_token_id(self.policy.tokenizer)
+        # vLLM samples the rollouts (and evaluation episodes); every score and the update stay on self.model.
+        self.vllm = None
+        if config.engine == "vllm":
+            from craft_bench.agents import tiny
+            from craft_bench.agents.models import resolve_model_source
+            from craft_bench.agents.vllm_engine import VLLMConfig, VLLMEngine
+
+            source = tiny.tiny_model_path(**tiny_options) if config.model == "tiny" else resolve_model_source(config.model)
+            self.vllm = VLLMEngine(source, VLLMConfig(**config.vllm_options))
+            self.policy.engine = self.vllm
         needs = self.method.needs
         # Which weights teach is the method's record of needs (from its `teacher` option); None: no teacher pass.
         self.teacher = needs.teacher
@@ -215,7 +240,9 @@ class Trainer:
         self.train_model = self.dp.accelerator.prepare_model(self.model) if self.dp.world_size > 1 else self.model
         self.state = TrainState(world_size=self.dp.world_size)
         env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns}
-        self.train_runner = GroupRunner(config.env_id, {**env_kwargs, "split": config.train_split}, config.num_workers)
+        self.train_runner = GroupRunner(
+            config.env_id, {**env_kwargs, "split": config.train_split}, config.num_workers, **self._pool_options()
+        )
         self._eval_runner = None  # started on first evaluation: a training-only process never pays for its workers
         self.eval_info: dict[str, Any] | None = None  # info of the first evaluation episode, set by evaluate()
         self.train_tasks = split_task_ids(config.env_id, config.train_split, env_kwargs)
@@ -264,6 +291,8 @@ class Trainer:
             seed=config.seed, step=step, history_turns=config.history_turns, with_teacher=needs.teacher is not None,
             first_group=block.start,
         )
+        if self.vllm is not None:
+            self.vllm.sleep()  # frees the accelerator for the update when sleep mode is on; a no-op otherwise
         # 2. Returns and GRPO advantages, per episode, then broadcast to every turn of the episode.
         episodes = rollout.episodes
         returns = L.episode_returns(
@@ -349,6 +378,11 @@ class Trainer:
             if self.ema is not None:
                 _ema_update(self.ema, model, config.ema_decay)
         update_s = time.perf_counter() - tick
+        sync_s = 0.0
+        if self.vllm is not None:  # the next rollout samples from the updated weights, or the run stops
+            tick = time.perf_counter()
+            self.vllm.sync_weights(model)
+            sync_s = time.perf_counter() - tick
 
         # 5. The metrics row, of the whole step: with several ranks, episodes are gathered and loss shares summed.
         rows_total, tokens_total, env_steps = self.dp.sum([full.rows, float(mask.sum()), rollout.env_steps])
@@ -381,7 +415,14 @@ class Trainer:
             "time/env_s": rollout.timings["env_s"],
             "time/score_s": score_s,
             "time/update_s": update_s,
+            "time/sync_s": sync_s,
         }
+
+    def _pool_options(self) -> dict[str, Any]:
+        """GroupRunner's worker-pool arguments from the config."""
+        # "local" leaves the choice to the runner, which plays in this process when num_workers is 0.
+        pool = None if self.config.env_workers == "local" else self.config.env_workers
+        return {"pool": pool, "ray_address": self.config.ray_address}
 
     def _no_sync(self, last: bool):
         """Inside: backward accumulates this rank's gradients without synchronising (all but the last micro-batch)."""
@@ -397,7 +438,7 @@ class Trainer:
             from craft_bench.envs.group_runner import GroupRunner
 
             env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns, "split": config.eval_split}
-            self._eval_runner = GroupRunner(config.env_id, env_kwargs, config.num_workers)
+            self._eval_runner = GroupRunner(config.env_id, env_kwargs, config.num_workers, **self._pool_options())
         records = evaluate_episodes(
             self._eval_runner, self.policy, self.eval_tasks, temperature=config.eval_temperature, seed=config.seed,
             max_new_tokens=config.max_new_tokens, history_turns=config.history_turns,
@@ -440,6 +481,8 @@ class Trainer:
                 "resume with the same settings or start a new run directory"
             )
         self.model.load_state_dict(payload["model"])
+        if self.vllm is not None:
+            self.vllm.sync_weights(self.model)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.method.load_state_dict(payload["method"])
         if self.ema is not None and payload["ema"] is not None:
@@ -466,6 +509,8 @@ class Trainer:
         self.train_runner.close()
         if self._eval_runner is not None:
             self._eval_runner.close()
+        if self.vllm is not None:
+            self.vllm.close()
 
     # ------------------------------------------------------------------------------------------------ logging
     def _append_metrics(self, row: dict[str, float]) -> None:

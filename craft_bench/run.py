@@ -58,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m craft_bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", action="append", required=True, help=f"method(s), comma-separated or repeated: {', '.join(METHOD_NAMES)}")
     parser.add_argument("--env", default=defaults.env_id, help=f"environment id (default {defaults.env_id})")
-    parser.add_argument("--model", default=defaults.model, help="Hugging Face hub id, local path, or 'tiny' (default)")
+    parser.add_argument("--model", default=defaults.model, help="hub id, local path or .gguf, 'smollm2-135m' (offline chat model, extra smollm2), or 'tiny' (default)")
+    parser.add_argument("--engine", choices=["hf", "vllm"], default=None, help="rollout engine: hf (default) or vllm (extra vllm; docs/real_models.md)")
+    parser.add_argument("--env-workers", default=None, help="where env workers run: local (default), ray, ray://HOST:PORT or auto (a running Ray cluster), inprocess")
     parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {defaults.steps})")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
     parser.add_argument("--preset", choices=PRESET_NAMES, default="cpu", help="cpu: the embedded tiny setting; paper: SDAR/CRAFT's GPU setting")
@@ -100,6 +102,13 @@ def build_configs(args: argparse.Namespace) -> list[TrainConfig]:
         overrides["device"] = args.device
     if args.num_workers is not None:
         overrides["num_workers"] = args.num_workers
+    if args.engine is not None:
+        overrides["engine"] = args.engine
+    if args.env_workers is not None:
+        if args.env_workers.startswith("ray://") or args.env_workers == "auto":
+            overrides["env_workers"], overrides["ray_address"] = "ray", args.env_workers
+        else:
+            overrides["env_workers"] = args.env_workers
     for item in args.overrides:
         key, value = _key_value(item, "--set")
         if key in FLAG_FIELDS:

@@ -9,7 +9,8 @@ import sys
 
 BENCHMARKS = {
     "envs": "environment steps per second: raw engines, one craft-bench env, the group runner",
-    "rollout": "tokens and environment steps per second during rollouts, teacher-scoring share",
+    "rollout": "tokens and environment steps per second during rollouts, teacher-scoring share; --engine hf,vllm "
+               "compares rollout engines' tokens/s on the same prompts",
     "losses": "time and peak memory of every method's loss and backward; CRAFT's cost over SDAR",
     "train": "one training step phase by phase against the plain forward/backward limit; TRL GRPOTrainer side by side",
 }

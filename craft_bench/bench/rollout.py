@@ -50,8 +50,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="environment worker processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu")
+    from craft_bench.bench._engines import add_engine_arguments, run_engine_comparison
+
+    add_engine_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.engine:  # --engine hf,vllm: tokens/s of each engine on the same prompts, in one run
+        run_engine_comparison(args)
+        return
 
     env_id = _pick_env(args.env)
     env_kwargs = json.loads(args.env_kwargs) if args.env_kwargs else dict(DEFAULT_ENV_KWARGS.get(env_id, {}))

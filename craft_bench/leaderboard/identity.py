@@ -18,6 +18,8 @@ KEY_SETTINGS: tuple[str, ...] = ("env_id", "method", "model", "eval_split", "see
 #: added to TrainConfig later is assumed to change results until it is listed here.
 NEUTRAL_SETTINGS: dict[str, str] = {
     "num_workers": "every random draw comes from (seed, step, task, sibling), not from the worker that plays it",
+    "env_workers": "local processes, Ray actors or this process play identical episodes",
+    "ray_address": "which Ray cluster hosts the env workers",
     "device": "the same computation; a GPU differs from a CPU by float rounding only",
     "checkpoint_every": "how often the state is saved; a resumed run equals an uninterrupted one",
     "micro_batch_rows": "the loss is a token mean over the whole step; micro-batching changes float rounding only",
