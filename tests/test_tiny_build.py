@@ -96,7 +96,7 @@ def test_another_seed_builds_other_weights(built, tmp_path):
 
 def test_cache_key_changes_with_env_version_data_hash_kwargs_and_budget(monkeypatch, tmp_path):
     monkeypatch.setenv("CRAFT_BENCH_HOME", str(tmp_path))
-    monkeypatch.setattr(build_module, "build_once", lambda target, build: target)  # the path only, no build
+    monkeypatch.setattr(build_module, "build_verified", lambda target, build: target)  # the path only, no build
 
     def path(**kwargs):
         return tiny.tiny_model_path(**{"env_id": PICK_PLACE_ENV_ID, "budget": "test", **kwargs})
@@ -109,7 +109,7 @@ def test_cache_key_changes_with_env_version_data_hash_kwargs_and_budget(monkeypa
     others.append(path())
     monkeypatch.undo()
     monkeypatch.setenv("CRAFT_BENCH_HOME", str(tmp_path))
-    monkeypatch.setattr(build_module, "build_once", lambda target, build: target)
+    monkeypatch.setattr(build_module, "build_verified", lambda target, build: target)
     original_init = PickPlaceEnv.__init__
 
     def regenerated(self, *args, **kwargs):
@@ -233,3 +233,19 @@ def test_model_tiny_works_for_textworld(tmp_path, monkeypatch):
                               workers=0, progress=False, env_kwargs={"n_games": 1})
     assert result.n_episodes == 1
     assert policy.max_positions == tiny.BUDGETS["test"].max_positions
+
+
+def test_a_corrupt_cached_model_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
+    """Cache integrity (issue 15): the entry's manifest of sha256 hashes is checked on load; flipped bytes in the
+    weights are found, and the deterministic build gives back the same model."""
+    monkeypatch.setenv("CRAFT_BENCH_HOME", str(tmp_path))
+    path = tiny.tiny_model_path(PICK_PLACE_ENV_ID, seed=0, budget="test", progress=False, workers=0)
+    assert (path / "manifest.json").is_file()
+    before = weights_sha256(path)
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="corrupt"):
+        again = tiny.tiny_model_path(PICK_PLACE_ENV_ID, seed=0, budget="test", progress=False, workers=0)
+    assert again == path and weights_sha256(again) == before

@@ -28,7 +28,7 @@ from craft_bench.agents.tiny.data import ExpertRecord, collect_expert_records
 from craft_bench.agents.tiny.model import count_parameters, make_model
 from craft_bench.agents.tiny.sft import make_examples, tokenize_examples, train_model
 from craft_bench.agents.tiny.tokenizer import name_tokenizer_class, newline_token_id, train_tokenizer
-from craft_bench.envs.cache import build_once, cache_dir
+from craft_bench.envs.cache import build_verified, cache_dir
 
 DEFAULT_ENV_ID = "craft/ALFWorldGen-v0"
 #: Written next to the weights: how the model was built and what its prompts look like.
@@ -188,7 +188,9 @@ def tiny_model_path(
     key = build_key(env_id, seed, resolved, env_fingerprint(env_id, env_kwargs), env_kwargs)
     name = f"{budget if isinstance(budget, str) else 'custom'}-seed{seed}-{key}"
     target = cache_dir("models", "tiny", env_id.replace("/", "__").replace(":", "__")) / name
-    return build_once(
+    # The entry carries a manifest of its files' sha256, checked on load: a corrupt model is rebuilt (the build is
+    # deterministic for a seed), or reported with its path and the command that clears it.
+    return build_verified(
         target, lambda tmp: build_tiny_model(tmp, env_id, seed, resolved, progress, workers, env_kwargs)
     )
 

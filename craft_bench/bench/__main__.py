@@ -1,4 +1,4 @@
-"""Entry point of `python -m craft_bench.bench {envs,rollout,losses}`: each prints a table of measurements.
+"""Entry point of `python -m craft_bench.bench {envs,rollout,losses,train}`: each prints a table of measurements.
 Each benchmark lives in its own module with a `main(argv)` function."""
 
 from __future__ import annotations
