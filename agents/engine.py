@@ -116,7 +116,7 @@ class HFEngine:
         # The original row of each batch row; None for a finished row kept only because the cache cannot drop it.
         live: list[int | None] = list(range(len(prompts)))
         cache = None
-        with _eval_mode(self.model), torch.inference_mode():
+        with eval_mode(self.model), torch.inference_mode():
             for _ in range(sampling.max_new_tokens):
                 out = self.model(
                     input_ids=input_ids,
@@ -296,7 +296,7 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode for the duration: a trainer shares its model with the engine and must get its own mode back."""
     was_training = model.training
     model.eval()

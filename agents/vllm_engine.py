@@ -30,14 +30,14 @@ import importlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from craft_bench.agents.engine import Generation, SamplingParams
+from craft_bench.agents.engine import Generation, SamplingParams, eval_mode
 
 INSTALL_HINT = (
     "install vLLM in its own virtual environment (it pins its own torch); see docs/real_models.md. "
@@ -247,7 +247,7 @@ class VLLMEngine:
         )
         generation = generation_from_output(output[0], frozenset())
         token, vllm_logprob = generation.token_ids[0], generation.logprobs[0]
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             device = next(model.parameters()).device
             logits = model(input_ids=torch.tensor([probe], device=device)).logits[0, -1].float()
             trainer_logprob = float(torch.log_softmax(logits, dim=-1)[token])
@@ -368,16 +368,6 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
     staged = path.with_suffix(".tmp")
     save_file(tensors, str(staged))
     os.replace(staged, path)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def describe(config: VLLMConfig) -> dict[str, Any]:
