@@ -50,9 +50,9 @@ def test_updates_keep_theta_old_quantities_and_use_their_own_denominators(model_
                       batch.mask.clone(), ctx.n_tokens, ctx.credit.clone()))
         return real_loss(batch, ctx)
 
-    def prepare(batch, step=None):
+    def prepare(batch, step=None, reduce=None):
         prepared.append(step)
-        return real_prepare(batch, step)
+        return real_prepare(batch, step, reduce)
 
     def end_step(stats):
         ended.append(stats)
