@@ -116,16 +116,17 @@ class HFEngine:
         # The original row of each batch row; None for a finished row kept only because the cache cannot drop it.
         live: list[int | None] = list(range(len(prompts)))
         cache = None
+        cache_arg = _cache_argument(self.model)
         with eval_mode(self.model), torch.inference_mode():
             for _ in range(sampling.max_new_tokens):
                 out = self.model(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
-                    past_key_values=cache,
                     use_cache=True,
+                    **{cache_arg: cache},
                 )
-                cache = out.past_key_values
+                cache = getattr(out, cache_arg)
                 next_tokens, next_logprobs = sample_next(out.logits[:, -1, :].float(), sampling, generators)
                 stopped = torch.isin(next_tokens, stop).tolist()
                 outputs = zip(next_tokens.tolist(), next_logprobs.tolist(), stopped)
@@ -304,6 +305,13 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name under which the model takes and returns its KV cache: `cache` since transformers 5.x (which warns on
+    the old name), `past_key_values` before."""
+    inner = getattr(model, "module", model)
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
