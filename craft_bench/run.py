@@ -210,8 +210,10 @@ def run_one(
     if eval_only and dp.world_size > 1:
         raise SystemExit("error: --eval-only runs in one process; launch it without accelerate/torchrun")
     run_dir = out / run_name(config)
-    if not dp.is_main:  # rank 0 makes, locks and checks the directory; the others follow it
-        dp.barrier()
+    if not dp.is_main:  # rank 0 makes, locks and checks the directory; the others follow its verdict
+        verdict = dp.gather(None)[0]
+        if verdict:
+            raise SystemExit(verdict)
         try:
             return _train_and_evaluate(config, run_dir, resume=resume, overwrite=overwrite, progress=False,
                                        loggers=[], dp=dp)
@@ -223,13 +225,18 @@ def run_one(
     try:
         lock.acquire()
     except RunLockedError as error:
+        _tell_ranks(dp, f"error: {error}")
         raise SystemExit(f"error: {error}") from None
     try:
         if eval_only:
             return _evaluate_only(config, run_dir, progress=progress)
         if dp.world_size > 1:
-            _check_fresh_or_resumed(run_dir, resume=resume, overwrite=overwrite)
-            dp.barrier()
+            try:
+                _check_fresh_or_resumed(run_dir, resume=resume, overwrite=overwrite)
+            except SystemExit as error:
+                _tell_ranks(dp, str(error))
+                raise
+            _tell_ranks(dp, None)
         return _train_and_evaluate(config, run_dir, resume=resume, overwrite=overwrite, progress=progress,
                                    loggers=loggers, dp=dp)
     except (CheckpointError, NonFiniteError) as error:
@@ -243,6 +250,13 @@ def run_one(
                 folder.rmdir()
             except OSError:
                 break
+
+
+def _tell_ranks(dp: DataParallel, verdict: str | None) -> None:
+    """Rank 0's verdict on the run directory (None: go; else the error), sent to the other ranks, which wait for it
+    at the start of `run_one` and exit with the same error instead of waiting forever."""
+    if dp.world_size > 1:
+        dp.gather(verdict)
 
 
 #: Everything a training run writes, removed by --overwrite (eval_only files and loggers' folders stay).

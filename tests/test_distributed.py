@@ -106,3 +106,21 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tmp_path,
         # each weight by about lr whatever the gradient's size, so rounding differences stay at float32 level.
         for name, weight in one["weights"][step].items():
             assert torch.allclose(two["weights"][step][name], weight, rtol=0, atol=1e-6), (step, name)
+
+
+def test_a_refused_start_stops_every_rank_instead_of_leaving_them_waiting(tmp_path):
+    """Rank 0 checks the run directory; when it refuses (here: a run is already there), the other ranks get its
+    verdict and exit with the same error, instead of blocking on a collective until the process group times out."""
+    from craft_bench import run
+
+    args = ["--method", "grpo", "--model", str(Path(__file__).parent / "data" / "h1_tiny_test_model"),
+            "--steps", "1", "--set", "tasks_per_step=2", "--set", "group_size=2", "--out", str(tmp_path)]
+    run_dir = tmp_path / run.run_name(run.build_configs(run.parse_args(args))[0])
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "craft_bench.run", *args, "--no-progress"]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("already holds a run") == 2, done.stderr[-2000:]  # both ranks, one message each
