@@ -1,0 +1,53 @@
+"""The tiny model of craft/TextWorld-v0 on the "textworld" budget (cooking, level 1): it builds, wins held-out games,
+and its teacher prompt wins more of them than its student prompt. Slow: compiles 128 TextWorld games."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from craft_bench.agents import tiny
+from craft_bench.agents.tiny.evaluate import evaluate_success
+
+ENV_ID = "craft/TextWorld-v0"
+#: The setting of docs/tiny_models.md: cooking level 1 hides the ingredient in the cookbook, which the expert never
+#: reads, so only the teacher block (the expert plan) names it. 64 games per split: train builds, valid evaluates.
+ENV_KWARGS = {"family": "cooking", "level": 1, "n_games": 64}
+N_EPISODES = 64
+#: Measured (docs/tiny_models.md, seed 0, greedy, deterministic on CPU): student 14/64, teacher 17/64. A model that
+#: collapsed to one memorised action (the same recipe with 3 epochs) won 0/64 on both prompts, hence the floor.
+MIN_TEACHER_SUCCESSES = 10
+#: Teacher wins minus student wins. Only "strictly more" is pinned: +3 of 64 is what this budget reaches, not yet the
+#: clear margin issue 9 asks for (see the docs page for the diagnosis).
+MIN_MARGIN = 1
+
+
+@pytest.mark.slow
+def test_textworld_cooking_model_wins_held_out_games_and_its_teacher_prompt_wins_more(tmp_path, monkeypatch):
+    """Builds the "textworld" budget's model (collect, tokenizer, SFT) and plays the 64 held-out `valid` games
+    greedily on each prompt. Run with `OMP_NUM_THREADS=1 python -m pytest -m slow tests/test_tiny_textworld.py`:
+    about 6 minutes of build and 2 of evaluation on a busy core, plus compiling 128 games (5-15 s each) unless
+    `CRAFT_BENCH_HOME` already holds them (precompile: `python -m craft_bench.envs.textworld_games --split train
+    --family cooking --level 1 --n-games 64 --workers 1`, and the same with `--split valid`)."""
+    if not os.environ.get("CRAFT_BENCH_HOME"):
+        # A home that already holds the games (or the model: its cache key covers every setting) is reused.
+        monkeypatch.setenv("CRAFT_BENCH_HOME", str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path = tiny.tiny_model_path(ENV_ID, seed=0, budget="textworld", progress=False, workers=0,
+                                    env_kwargs=ENV_KWARGS)
+        metadata = tiny.load_metadata(path)
+        assert metadata["collection"]["episodes_won"] > 0
+        assert metadata["examples_dropped_too_long"] == 0
+        student, teacher = (
+            evaluate_success(path, ENV_ID, "valid", N_EPISODES, with_privileged, max_steps=50, workers=0,
+                             progress=False, env_kwargs=ENV_KWARGS)
+            for with_privileged in (False, True)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert student.n_episodes == teacher.n_episodes == N_EPISODES
+    assert teacher.successes >= MIN_TEACHER_SUCCESSES, (student, teacher)
+    assert teacher.successes - student.successes >= MIN_MARGIN, (student, teacher)
