@@ -1,5 +1,5 @@
 """The tiny model of craft/TextWorld-v0 on the "textworld" budget (cooking, level 1): it builds, wins held-out games,
-and its teacher prompt wins more of them than its student prompt. Slow: compiles 128 TextWorld games."""
+and its teacher prompt clearly beats its student prompt. Slow: compiles 128 TextWorld games."""
 
 from __future__ import annotations
 
@@ -15,19 +15,20 @@ ENV_ID = "craft/TextWorld-v0"
 #: reads, so only the teacher block (the expert plan) names it. 64 games per split: train builds, valid evaluates.
 ENV_KWARGS = {"family": "cooking", "level": 1, "n_games": 64}
 N_EPISODES = 64
-#: Measured (docs/tiny_models.md, seed 0, greedy, deterministic on CPU): student 14/64, teacher 17/64. A model that
-#: collapsed to one memorised action (the same recipe with 3 epochs) won 0/64 on both prompts, hence the floor.
-MIN_TEACHER_SUCCESSES = 10
-#: Teacher wins minus student wins. Only "strictly more" is pinned: +3 of 64 is what this budget reaches, not yet the
-#: clear margin issue 9 asks for (see the docs page for the diagnosis).
-MIN_MARGIN = 1
+#: Measured (docs/tiny_models.md, seed 0, greedy, deterministic on CPU): student 24/64, teacher 39/64. A model that
+#: collapsed to one memorised action (3 epochs) won 0/64 on both prompts; the floor sits well below 39 and above that.
+MIN_TEACHER_SUCCESSES = 30
+#: Teacher wins minus student wins, measured +15. 8 (12.5 points) is about half of it, and more than twice what
+#: models that barely read the block reached (+3 with 8 epochs, see the docs page), so a regression that stops the
+#: model from reading the block fails, while small numeric drift between torch builds does not.
+MIN_MARGIN = 8
 
 
 @pytest.mark.slow
-def test_textworld_cooking_model_wins_held_out_games_and_its_teacher_prompt_wins_more(tmp_path, monkeypatch):
+def test_textworld_cooking_teacher_prompt_clearly_beats_student_prompt_on_held_out_games(tmp_path, monkeypatch):
     """Builds the "textworld" budget's model (collect, tokenizer, SFT) and plays the 64 held-out `valid` games
     greedily on each prompt. Run with `OMP_NUM_THREADS=1 python -m pytest -m slow tests/test_tiny_textworld.py`:
-    about 6 minutes of build and 2 of evaluation on a busy core, plus compiling 128 games (5-15 s each) unless
+    about 11 minutes of build and 2 of evaluation on a busy core, plus compiling 128 games (5-15 s each) unless
     `CRAFT_BENCH_HOME` already holds them (precompile: `python -m craft_bench.envs.textworld_games --split train
     --family cooking --level 1 --n-games 64 --workers 1`, and the same with `--split valid`)."""
     if not os.environ.get("CRAFT_BENCH_HOME"):
