@@ -82,6 +82,7 @@ def test_a_packaged_gguf_with_another_hash_is_refused(tmp_path, monkeypatch, hom
 def test_a_gguf_is_converted_once_into_the_cache_keyed_by_its_hash(tmp_path, monkeypatch, home):
     calls: list = []
     monkeypatch.setattr(models, "convert_gguf", fake_convert(calls))
+    monkeypatch.setattr(models, "_require_converter", lambda label, extra: None)  # the fake needs no `gguf`
     gguf = tmp_path / "Tiny-Chat.gguf"
     gguf.write_bytes(b"gguf v1")
     first = resolve_model_source(str(gguf))
@@ -102,6 +103,7 @@ def test_converting_without_the_gguf_package_names_the_extra(tmp_path, monkeypat
 
 def test_a_corrupt_cached_checkpoint_is_an_error_naming_the_file(tmp_path, monkeypatch, home):
     monkeypatch.setattr(models, "convert_gguf", fake_convert([]))
+    monkeypatch.setattr(models, "_require_converter", lambda label, extra: None)  # the fake needs no `gguf`
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"gguf")
     checkpoint = resolve_model_source(str(gguf))
