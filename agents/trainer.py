@@ -39,7 +39,6 @@ from craft_bench.agents.engine import response_logprobs
 from craft_bench.agents.episodes import episode_return, summarize
 from craft_bench.agents.methods import Method, combine_metrics, make_method
 from craft_bench.agents.policy import Policy, pad_token_id
-from craft_bench.agents.presets import CPU_PRESET, PAPER_PRESET  # noqa: F401  (re-exported for craft_bench.run)
 from craft_bench.agents.rollout import collect_rollouts, evaluate_episodes, evaluation_task_ids, score_teacher
 from craft_bench.envs.tasks import split_task_ids
 

@@ -5,7 +5,6 @@ the training outputs, a forged checkpoint never runs, and a failed start leaves 
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,23 +14,11 @@ import pandas as pd
 import pytest
 import torch
 from fake_envs import COUNTER_ENV_ID
-from test_engine import build_tokenizer, random_llama
 
 from craft_bench.agents.checkpoint import digest_path, file_sha256
 from craft_bench.agents.trainer import CHECKPOINT_FILE, CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE
 from craft_bench.run import EVAL_ONLY_FILE, EVAL_ONLY_RESULT_FILE, RESULT_FILE, build_configs, parse_args, run_name
 from craft_bench.run import main as run_main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A random tiny Llama and its tokenizer saved like any local model (no download, no tiny-model build)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model")
-    tokenizer = build_tokenizer()
-    random_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def small_args(model_dir: Path, out: Path, *extra: str) -> list[str]:

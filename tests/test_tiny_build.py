@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from fake_envs import PICK_PLACE_ENV_ID, PickPlaceEnv
 
 import craft_bench.agents.tiny.build as build_module
@@ -21,13 +20,7 @@ from craft_bench.agents.tiny.evaluate import evaluate_success
 from craft_bench.agents.tiny.tokenizer import newline_token_id
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: these models are tiny, and on a shared 2-core machine more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

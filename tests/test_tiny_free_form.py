@@ -5,7 +5,6 @@ model builds for the env from its expert plan, so a new free-form env needs no s
 from __future__ import annotations
 
 import pytest
-import torch
 from fake_envs import QUIZ_ENV_ID
 from test_policy import ScriptedEngine
 
@@ -16,13 +15,7 @@ from craft_bench.agents.tiny.evaluate import evaluate_success
 from craft_bench.envs.group_runner import GroupRunner
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: these models are tiny, and on a shared 2-core machine more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 import torch
 from fake_envs import COUNTER_ENV_ID
-from test_engine import build_tokenizer, random_llama
 
 from craft_bench.agents.methods import METHOD_NAMES
 from craft_bench.agents.trainer import CHECKPOINT_FILE, METRICS_FILE, TrainConfig, Trainer
@@ -25,17 +24,6 @@ from craft_bench.run import main as run_main
 from craft_bench.run import run_name
 
 TESTS_DIR = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A random tiny Llama and its tokenizer saved like any local model (no download, no tiny-model build)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model")
-    tokenizer = build_tokenizer()
-    random_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def small_config(model_dir: Path, **overrides) -> TrainConfig:
