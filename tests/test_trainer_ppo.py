@@ -9,7 +9,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from test_trainer import model_dir, numeric_metrics, small_config  # noqa: F401  (model_dir is a fixture)
+from test_trainer import numeric_metrics, small_config
 
 from craft_bench.agents.methods import make_method
 from craft_bench.agents.trainer import METRICS_FILE, TrainConfig, Trainer
