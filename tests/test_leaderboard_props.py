@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from craft_bench.leaderboard import LeaderboardValidationError, validate_rows, write_result_csv
+from craft_bench.leaderboard import SCHEMA_VERSION, LeaderboardValidationError, validate_rows, write_result_csv
 from craft_bench.leaderboard.build import md_text
 from craft_bench.leaderboard.schema import (
     LEADERBOARD_COLUMNS,
@@ -69,11 +69,17 @@ def per_task_types(draw) -> str:
 
 
 @st.composite
+def per_datasets(draw) -> str:
+    value = st.fixed_dictionaries({"success_rate": rates, "n": st.integers(1, 10**6)})
+    return draw(st.one_of(st.just("NA"), st.dictionaries(text_cells, value, min_size=1, max_size=3).map(json.dumps)))
+
+
+@st.composite
 def valid_rows(draw, seed: int) -> dict[str, str]:
-    """One schema-2 row as CSV text cells, valid by construction."""
+    """One current-schema row as CSV text cells, valid by construction."""
     method = draw(st.one_of(st.sampled_from(["base", "grpo", "sdar", "craft"]), text_cells))
     cell = {
-        "schema_version": "2",
+        "schema_version": SCHEMA_VERSION,
         "suite_version": draw(text_cells), "env_id": draw(text_cells), "env_version": draw(text_cells),
         "data_source": draw(text_cells), "data_sha256": draw(hex_digits(64)), "split": draw(text_cells),
         "method": method, "method_config": draw(method_configs()), "teacher_context": draw(text_cells),
@@ -84,7 +90,7 @@ def valid_rows(draw, seed: int) -> dict[str, str]:
         "success_se": repr(draw(rates)), "task_score": draw(st.one_of(st.just("NA"), rates.map(repr))),
         "progress_mean": repr(draw(rates)), "return_mean": repr(draw(reals)), "steps_mean": repr(draw(non_negative)),
         "invalid_action_rate": repr(draw(rates)), "per_task_type": draw(per_task_types()),
-        "wall_clock_s": repr(draw(non_negative)), "env_steps_per_s": repr(draw(non_negative)),
+        "per_dataset": draw(per_datasets()), "wall_clock_s": repr(draw(non_negative)), "env_steps_per_s": repr(draw(non_negative)),
         "git_commit": draw(st.one_of(st.integers(7, 40).flatmap(hex_digits), st.just("unknown"))),
         "date": draw(st.dates(dt.date(1970, 1, 1), dt.date(2999, 12, 31))).isoformat(), "source": "run",
     }
@@ -130,7 +136,7 @@ def test_valid_rows_round_trip_through_a_csv_file_exactly(tmp_path_factory, rows
 INTEGER_COLUMNS = ("model_params", "seed", "train_steps", "n_eval_episodes")
 RATE_COLUMNS = ("success_rate", "success_se", "progress_mean", "invalid_action_rate", "task_score")
 NUMBER_COLUMNS = RATE_COLUMNS + ("return_mean", "steps_mean", "wall_clock_s", "env_steps_per_s")
-JSON_COLUMNS = ("method_config", "per_task_type")
+JSON_COLUMNS = ("method_config", "per_task_type", "per_dataset")
 CONTROL = [chr(c) for c in (*range(0x00, 0x20), *range(0x7F, 0xA0))] + ["\u2028", "\u2029"]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from craft_bench.leaderboard import LeaderboardValidationError, validate_rows, write_result_csv
+from craft_bench.leaderboard import SCHEMA_VERSION, LeaderboardValidationError, validate_rows, write_result_csv
 from craft_bench.leaderboard.build import build, paired_difference, t_quantile, versus_grpo
 from craft_bench.leaderboard.identity import NEUTRAL_SETTINGS, config_id, run_config, weights_sha256
 from craft_bench.leaderboard.schema import LEADERBOARD_COLUMNS, LEADERBOARD_COLUMNS_V1, read_table, validate_csv
@@ -38,7 +38,7 @@ def test_committed_schema1_submissions_read_as_unknown_weights_without_task_scor
     assert set(old["policy_sha256"]) == {"unknown"} and set(old["task_score"]) == {"NA"}
 
 
-def test_a_schema1_file_keeps_its_name_and_is_rewritten_as_schema2_only_when_touched(tmp_path):
+def test_a_schema1_file_keeps_its_name_and_is_rewritten_in_the_current_schema_only_when_touched(tmp_path):
     root = tmp_path / "lb"
     (root / "submissions").mkdir(parents=True)
     old_row = {k: v for k, v in _text(_row(seed=0)).items() if k in LEADERBOARD_COLUMNS_V1}
@@ -48,7 +48,7 @@ def test_a_schema1_file_keeps_its_name_and_is_rewritten_as_schema2_only_when_tou
     submit(_write_run(tmp_path / "run", [1], [0.5]), root)  # same entry, unknown weights: joins the old file
     stored = read_table(old_path)
     assert list(stored.columns) == list(LEADERBOARD_COLUMNS)
-    assert dict(zip(stored["seed"], stored["schema_version"])) == {"0": "1", "1": "2"}
+    assert dict(zip(stored["seed"], stored["schema_version"])) == {"0": "1", "1": SCHEMA_VERSION}
 
 
 def _text(row: dict) -> dict:
@@ -56,8 +56,8 @@ def _text(row: dict) -> dict:
 
 
 def test_a_file_of_a_newer_schema_is_refused_by_name():
-    message = _problem_text([{**_row(), "schema_version": "3"}])
-    assert "row 1, column 'schema_version'" in message and "reads schemas 1, 2" in message
+    message = _problem_text([{**_row(), "schema_version": "4"}])
+    assert "row 1, column 'schema_version'" in message and "reads schemas 1, 2, 3" in message
 
 
 # --- task_score and policy_sha256 ----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Builds leaderboard/LEADERBOARD.md (mean ± standard error over seeds, each method against GRPO with a paired t
-interval) and learning-curve PNGs. Output is byte-for-byte reproducible: sorted, fixed formats, no dates."""
+"""Builds leaderboard/LEADERBOARD.md (mean ± standard error over seeds, each method and the untrained `base` model
+against GRPO with a paired t interval, success per dataset where episodes name one) and learning-curve PNGs (held-out
+success and training success per step). Output is byte-for-byte reproducible: sorted, fixed formats, no dates."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from craft_bench.leaderboard.schema import (
     UNKNOWN,
     canonical_json,
     config_id,
+    macro_average,
 )
 from craft_bench.leaderboard.store import (
     DEFAULT_ROOT,
@@ -47,7 +49,7 @@ CURVE_METRIC = "env/success"
 REFERENCE_METHOD = "grpo"
 CONFIDENCE = 0.95
 NO_SE = "—"
-BAND = "mean ± 1 SE over seeds"
+BAND = "mean ± 1 SE over n seeds"
 _UNIT_LABELS = {"percent": "%", "score": "score 0–100"}
 # Characters with a meaning in (GitHub-flavoured) markdown or HTML; escaped wherever a cell's text reaches the page.
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()|~$#!{}])")
@@ -185,24 +187,50 @@ def summarise(frame: pd.DataFrame) -> list[dict[str, Any]]:
             record[column], record[column + "_se"] = mean_se([float(v) for v in entry[column]])
         scores = [float(v) for v in entry["task_score"] if v != NOT_APPLICABLE]
         record["task_score"], record["task_score_se"] = mean_se(scores) if scores else (None, None)
+        record.update(_dataset_summary(list(entry["per_dataset"])))
         records.append(record)
     records.sort(key=lambda r: (tuple(r[c] for c in GROUP_COLUMNS), -round(r["success_rate"], 12), r["method"],
                                 r["config"]))
     return records
 
 
+def _dataset_summary(cells: list[str]) -> dict[str, Any]:
+    """Per-dataset success of one entry from its seeds' `per_dataset` cells: `datasets` = {dataset: (mean, SE) over
+    seeds}, and `macro_average` (± `macro_average_se`) = mean ± SE over seeds of each seed's macro average (every
+    dataset weighing the same). All None unless every seed reports the same datasets."""
+    parsed = [json.loads(cell) for cell in cells if cell != NOT_APPLICABLE]
+    if not parsed or len(parsed) < len(cells) or any(set(p) != set(parsed[0]) for p in parsed):
+        return {"datasets": None, "macro_average": None, "macro_average_se": None}
+    datasets = {name: mean_se([float(p[name]["success_rate"]) for p in parsed]) for name in sorted(parsed[0])}
+    macro, macro_se = mean_se([macro_average(p) for p in parsed])
+    return {"datasets": datasets, "macro_average": macro, "macro_average_se": macro_se}
+
+
+def _evaluation_protocol_matches(base: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether `other` was evaluated as the `base` entry was: the same evaluation temperature and, for every setting
+    the base row records (only those that change an untrained evaluation), the same value."""
+    base_config, other_config = json.loads(base["method_config"]), json.loads(other["method_config"])
+    base_train, other_train = base_config.get("train", {}), other_config.get("train", {})
+    return (base_config[EVAL_TEMPERATURE] == other_config[EVAL_TEMPERATURE]
+            and all(other_train.get(name) == value for name, value in base_train.items()))
+
+
 def _reference_entry(entry: dict[str, Any], group: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The GRPO entry a method is compared with: the group's only GRPO entry, or else the one GRPO entry with the same
-    trainer settings; None when there is no such single entry."""
+    trainer settings; None when there is no such single entry. The untrained `base` entry, which records no
+    training settings, is compared with the one GRPO entry evaluated under its protocol (same evaluation settings)."""
     candidates = [r for r in group if r["method"] == REFERENCE_METHOD]
-    if len(candidates) > 1:
+    if entry["method"] == BASE_METHOD:
+        candidates = [r for r in candidates if _evaluation_protocol_matches(entry, r)]
+    elif len(candidates) > 1:
         candidates = [r for r in candidates if _train_settings(r["method_config"])
                       == _train_settings(entry["method_config"])]
     return candidates[0] if len(candidates) == 1 else None
 
 
 def _is_constant(entry: dict[str, Any]) -> bool:
-    """An entry whose every seed gives the same number: the untrained model, evaluated greedily."""
+    """An entry whose every seed gives the same number: the untrained model, evaluated greedily. (Sampled, its
+    seeds differ and are paired with GRPO's seeds like any method's.)"""
     return entry["method"] == BASE_METHOD and entry["temperature"] == 0
 
 
@@ -211,7 +239,8 @@ def versus_grpo(entry: dict[str, Any], group: list[dict[str, Any]]) -> str:
     `paired_difference`."""
     reference = _reference_entry(entry, group)
     if reference is None:
-        return f"{NO_SE} (no single {REFERENCE_METHOD} entry)"
+        protocol = " with its evaluation settings" if entry["method"] == BASE_METHOD else ""
+        return f"{NO_SE} (no single {REFERENCE_METHOD} entry{protocol})"
     if reference is entry:
         return "reference"
     try:
@@ -242,7 +271,10 @@ def _measured_section(summary: list[dict[str, Any]], plots: dict[tuple[str, ...]
     for keys, group in groups.items():
         g = dict(zip(GROUP_COLUMNS, keys))
         with_score = any(r["task_score"] is not None for r in group)
-        metrics = list(AVERAGED[:1]) + ([("task_score", "task score", 3)] if with_score else []) + list(AVERAGED[1:])
+        with_datasets = any(r["macro_average"] is not None for r in group)
+        metrics = (list(AVERAGED[:1]) + ([("macro_average", "success, macro avg over datasets", 3)] if with_datasets
+                                         else [])
+                   + ([("task_score", "task score", 3)] if with_score else []) + list(AVERAGED[1:]))
         header = ("| method | config | teacher context | eval temperature | seeds | train steps | eval episodes | "
                   + " | ".join(label for _, label, _ in metrics) + f" | success vs {REFERENCE_METHOD} |")
         rule = "|" + "---|" * 7 + "---:|" * len(metrics) + "---|"
@@ -261,6 +293,8 @@ def _measured_section(summary: list[dict[str, Any]], plots: dict[tuple[str, ...]
             cells.append(versus_grpo(row, group))  # generated text: numbers and fixed words only
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if with_datasets:
+            lines += _dataset_table(group, configs_per_method)
         plot = plots.get((g["env_id"], g["model"], g["policy_sha256"]))
         if plot is not None:
             relative = plot.relative_to(root).as_posix()
@@ -273,6 +307,23 @@ def _measured_section(summary: list[dict[str, Any]], plots: dict[tuple[str, ...]
             seen.add((row["config"], row["method"]))
             lines.append(f"| `{row['config']}` | {md_text(row['method'])} | "
                          f"{md_text(canonical_json(row['method_config']))} |")
+    return lines + [""]
+
+
+def _dataset_table(group: list[dict[str, Any]], configs_per_method: dict[str, set[str]]) -> list[str]:
+    """Success per dataset (mean ± SE over seeds) and its macro average, one line per entry that reports datasets."""
+    names = sorted({name for r in group if r["datasets"] for name in r["datasets"]})
+    lines = ["Success per dataset (mean ± SE over seeds; the macro average weighs every dataset the same):", "",
+             "| method | config | " + " | ".join(md_text(n) for n in names) + " | macro avg |",
+             "|---|---|" + "---:|" * (len(names) + 1)]
+    for row in group:
+        if not row["datasets"]:
+            continue
+        label = _method_label(row["method"], row["config"], len(configs_per_method[row["method"]]))
+        cells = [md_text(label), f"`{row['config']}`"]
+        cells += [_format(*row["datasets"][n], 3) if n in row["datasets"] else NO_SE for n in names]
+        cells.append(_format(row["macro_average"], row["macro_average_se"], 3))
+        lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -316,12 +367,16 @@ def _style(index: int) -> dict[str, Any]:
     return {"linestyle": _LINE_STYLES[index % len(_LINE_STYLES)], "marker": _MARKERS[index % len(_MARKERS)]}
 
 
-def _plot_png(title: str, evals: dict[str, list[tuple[float, list[float]]]], curves: dict[str, list[pd.Series]]
-              ) -> bytes:
-    """Two panels. Left: held-out success after training, one marker per method configuration (and per train-step
-    count), mean ± 1 SE over seeds, the untrained `base` model as a dashed line. Right: training success per step,
-    mean over seeds with a ±1 SE band where at least two seeds logged that step. Methods differ by marker and line
-    style as well as colour; the y axis fits the data (success is often low), starting at 0."""
+def learning_curve_figure(title: str, evals: dict[str, list[tuple[float, list[float]]]],
+                          curves: dict[str, list[pd.Series]]) -> Figure:
+    """The learning-curve figure of one table, as two panels (axes) in this order.
+
+    Left: held-out success after training, one marker per method configuration (and per train-step count), mean ± 1
+    SE over its n seeds (n in the legend), the untrained `base` model as a horizontal reference line (its mean over
+    seeds). Right: training success per step, mean over seeds with a ±1 SE band where at least two seeds logged that
+    step. Methods differ by colour and by marker and line style; the y axis fits the data (success is often low),
+    starting at 0. `evals`: label -> [(train steps, per-seed successes)]; `curves`: label -> per-seed step series.
+    """
     labels = sorted(set(evals) | set(curves))
     top = 0.0
     with matplotlib.style.context("default"):
@@ -336,13 +391,13 @@ def _plot_png(title: str, evals: dict[str, list[tuple[float, list[float]]]], cur
                 mean, se = mean_se(successes)
                 top = max(top, mean + (se or 0.0))
                 if label.split(" ")[0] == BASE_METHOD:
-                    left.axhline(mean, color="0.4", linestyle="--", linewidth=1.2,
-                                 label=f"{label}: untrained (n={len(successes)})")
+                    left.axhline(mean, color="0.3", linestyle=(0, (6, 3)), linewidth=1.4,
+                                 label=f"{label}: untrained, mean of n={len(successes)} seeds")
                     continue
                 x = float(len(ticks))
                 ticks.append((x, f"{label}\n{steps:g} steps"))
                 left.errorbar([x], [mean], yerr=None if se is None else [se], color=color, capsize=4, markersize=7,
-                              linestyle="none", marker=style["marker"], label=f"{label} (n={len(successes)})")
+                              linestyle="none", marker=style["marker"], label=f"{label} (n={len(successes)} seeds)")
             seeds = curves.get(label)
             if not seeds:
                 continue
@@ -352,7 +407,7 @@ def _plot_png(title: str, evals: dict[str, list[tuple[float, list[float]]]], cur
             se = table.std(axis=1, ddof=1) / np.sqrt(count)
             top = max(top, float((mean + se.fillna(0.0)).max()))
             right.plot(mean.index, mean.to_numpy(), color=color, linewidth=1.5, markersize=5,
-                       markevery=max(1, len(mean) // 10), label=f"{label} (n={len(seeds)})", **style)
+                       markevery=max(1, len(mean) // 10), label=f"{label} (n={len(seeds)} seeds)", **style)
             band = (count >= 2).to_numpy()
             right.fill_between(mean.index[band], (mean - se)[band], (mean + se)[band], color=color, alpha=0.15,
                                linewidth=0)
@@ -363,7 +418,7 @@ def _plot_png(title: str, evals: dict[str, list[tuple[float, list[float]]]], cur
         left.set_ylabel(f"success rate ({BAND})")
         right.set_title(f"training rollouts: {CURVE_METRIC}")
         right.set_xlabel("training step")
-        right.set_ylabel(f"{CURVE_METRIC} (band: ±1 SE over seeds)")
+        right.set_ylabel(f"training success ({BAND})")
         for axes in (left, right):
             axes.set_ylim(0.0, min(1.0, top * 1.15 + 0.02))
             axes.grid(alpha=0.3)
@@ -371,10 +426,15 @@ def _plot_png(title: str, evals: dict[str, list[tuple[float, list[float]]]], cur
                 axes.legend(loc="best", fontsize="small")
         figure.suptitle(title)
         figure.tight_layout()
-        out = io.BytesIO()
+    return figure
+
+
+def _png(figure: Figure) -> bytes:
+    out = io.BytesIO()
+    with matplotlib.style.context("default"):
         # No Software/date chunks: building twice must give identical bytes.
         figure.savefig(out, format="png", metadata={"Software": None})
-        return out.getvalue()
+    return out.getvalue()
 
 
 def _plots(frame: pd.DataFrame, root: Path) -> dict[tuple[str, ...], tuple[Path, bytes]]:
@@ -403,8 +463,8 @@ def _plots(frame: pd.DataFrame, root: Path) -> dict[tuple[str, ...], tuple[Path,
         name = f"{slug(env_id)}__{slug(model)}" + ("" if policy == UNKNOWN else f"__p{policy[:8]}")
         by_label = {label: sorted(points.items()) for label, points in evals.get(plot_key, {}).items()}
         weights = "" if policy == UNKNOWN else f" · weights {policy[:8]}"
-        plots[plot_key] = (root / PLOTS / f"{name}.png", _plot_png(f"{env_id} · {model}{weights}", by_label,
-                                                                   curves[plot_key]))
+        figure = learning_curve_figure(f"{env_id} · {model}{weights}", by_label, curves[plot_key])
+        plots[plot_key] = (root / PLOTS / f"{name}.png", _png(figure))
     return plots
 
 
@@ -428,8 +488,11 @@ def build(root: str | Path = DEFAULT_ROOT) -> list[Path]:
              f"*success vs {REFERENCE_METHOD}*: mean difference in success to the table's {REFERENCE_METHOD} entry, "
              f"paired over seeds (seed s of the method minus seed s of {REFERENCE_METHOD}), with a "
              f"{CONFIDENCE:.0%} Student-t interval over the n paired seeds (mean ± t(0.975, n-1) · sd / sqrt(n)). "
-             f"The untrained `{BASE_METHOD}` model evaluated greedily is one fixed number, compared with each "
-             f"{REFERENCE_METHOD} seed. An interval that excludes 0 is a significant difference at the 5% level.", ""]
+             f"The untrained `{BASE_METHOD}` model is compared with the {REFERENCE_METHOD} entry evaluated under "
+             f"its protocol (same evaluation settings); evaluated greedily it scores the same on every seed, so its "
+             f"mean is compared with each {REFERENCE_METHOD} seed (n = {REFERENCE_METHOD}'s seeds); evaluated with "
+             "sampling, its seeds are paired like any method's. An interval that excludes 0 is a significant "
+             "difference at the 5% level.", ""]
     lines += _measured_section(summarise(frame), {key: path for key, (path, _) in plots.items()}, root)
     lines += _reference_section(reference)
     markdown = root / "LEADERBOARD.md"

@@ -4,18 +4,24 @@ one id of a run directory and its leaderboard entry) and `weights_sha256` (which
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from craft_bench.leaderboard.schema import BASE_METHOD, EVAL_TEMPERATURE, config_id
 
-__all__ = ["KEY_SETTINGS", "NEUTRAL_SETTINGS", "TRAINING_ONLY_SETTINGS", "config_id", "run_config", "weights_sha256"]
+__all__ = [
+    "EVALUATION_SETTINGS", "KEY_SETTINGS", "NEUTRAL_SETTINGS", "TRAINING_ONLY_SETTINGS", "config_id", "run_config",
+    "undeclared_settings", "weights_sha256",
+]
+
+# Every TrainConfig field is declared in exactly one of the four groups below (tests/test_leaderboard_identity.py
+# fails otherwise). A field declared nowhere is still recorded, for every method `base` included: assumed to change
+# results until someone decides, so an undeclared field can split an id but never merge two configurations.
 
 #: TrainConfig fields that are leaderboard key columns of their own (env_id, method, model, split, seed), so they are
 #: not repeated inside method_config.
 KEY_SETTINGS: tuple[str, ...] = ("env_id", "method", "model", "eval_split", "seed")
-#: TrainConfig fields that do not change results, each with the reason. Every other field is recorded: a field
-#: added to TrainConfig later is assumed to change results until it is listed here.
+#: TrainConfig fields that do not change results, each with the reason.
 NEUTRAL_SETTINGS: dict[str, str] = {
     "num_workers": "every random draw comes from (seed, step, task, sibling), not from the worker that plays it",
     "env_workers": "local processes, Ray actors or this process play identical episodes",
@@ -23,15 +29,33 @@ NEUTRAL_SETTINGS: dict[str, str] = {
     "device": "the same computation; a GPU differs from a CPU by float rounding only",
     "checkpoint_every": "how often the state is saved; a resumed run equals an uninterrupted one",
     "micro_batch_rows": "the loss is a token mean over the whole step; micro-batching changes float rounding only",
+    "rollout_waves": "which rows share a generation forward pass: float rounding of batched generation only",
+    "torch_threads": "thread counts change the order of float sums only",
+    "rollout_threads": "thread counts change the order of float sums only",
     "method_options": "recorded resolved, as the method's full configuration (the method's own keys)",
     EVAL_TEMPERATURE: "recorded once, at the top level of method_config, as the protocol requires",
 }
 #: Settings that only shape training; a `base` row (the untrained model) does not record them, so one base row
-#: stands beside every training configuration of its env x model.
+#: stands beside every training configuration of its env x model x evaluation protocol.
 TRAINING_ONLY_SETTINGS: tuple[str, ...] = (
     "train_split", "steps", "tasks_per_step", "group_size", "temperature", "top_p", "lr", "weight_decay",
-    "grad_clip", "success_reward", "invalid_penalty", "ema_decay",
+    "grad_clip", "ppo_epochs", "mini_batch_rows", "ema_decay", "on_nonfinite", "old_logprobs",
 )
+#: Settings that change what an evaluation measures, recorded in every row, `base` included: the environment and its
+#: constructor arguments (Search-QA's retriever and top-k, ...), the tiny model's budget, the turn cap, the prompt's
+#: history, the reply length, the episode list, the engine that samples, and the return's reward terms (the row's
+#: return_mean is computed with them).
+EVALUATION_SETTINGS: tuple[str, ...] = (
+    "env_kwargs", "tiny_budget", "max_turns", "history_turns", "max_new_tokens", "eval_episodes", "engine",
+    "vllm_options", "success_reward", "invalid_penalty",
+)
+
+
+def undeclared_settings(names: Iterable[str]) -> list[str]:
+    """The names (TrainConfig fields) that none of KEY_SETTINGS, NEUTRAL_SETTINGS, TRAINING_ONLY_SETTINGS and
+    EVALUATION_SETTINGS declares, sorted: each is recorded (assumed to change results) until it is declared."""
+    declared = set(KEY_SETTINGS) | set(NEUTRAL_SETTINGS) | set(TRAINING_ONLY_SETTINGS) | set(EVALUATION_SETTINGS)
+    return sorted(set(names) - declared)
 
 
 def run_config(settings: Mapping[str, Any], method_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,7 +65,8 @@ def run_config(settings: Mapping[str, Any], method_config: Mapping[str, Any]) ->
     options (`Method.config`; `{}` for `base`). The result holds the method's options, `eval_temperature`, and a
     `"train"` object with every other trainer setting except the key settings (KEY_SETTINGS) and the neutral ones
     (NEUTRAL_SETTINGS): lr, steps, B, G, turns, temperatures, rewards, the tiny-model budget, env kwargs, ...
-    For method `base`, TRAINING_ONLY_SETTINGS are left out too. Pure: equal inputs give equal dicts.
+    For method `base`, TRAINING_ONLY_SETTINGS are left out too (and `method_config` must be `{}`), so its id
+    depends only on what changes an untrained evaluation. Pure: equal inputs give equal dicts.
     """
     if EVAL_TEMPERATURE not in settings:
         raise ValueError(f"settings must hold {EVAL_TEMPERATURE!r} (the TrainConfig as a dict)")
@@ -50,6 +75,8 @@ def run_config(settings: Mapping[str, Any], method_config: Mapping[str, Any]) ->
         raise ValueError(f"method options may not be named {clash}: those names hold the run's own settings")
     skipped = set(KEY_SETTINGS) | set(NEUTRAL_SETTINGS)
     if settings.get("method") == BASE_METHOD:
+        if method_config:
+            raise ValueError(f"method {BASE_METHOD!r} (the untrained model) has no options, got {dict(method_config)}")
         skipped |= set(TRAINING_ONLY_SETTINGS)
     train = {name: value for name, value in settings.items() if name not in skipped}
     return {**method_config, EVAL_TEMPERATURE: settings[EVAL_TEMPERATURE], "train": train}

@@ -21,21 +21,26 @@ import pandas as pd
 
 from craft_bench import SUITE_VERSION
 
-#: Version of the measured-row schema. 2 added schema_version, policy_sha256 and task_score; files written under
-#: schema 1 (no schema_version column) are read as schema-1 rows with policy_sha256 'unknown' and task_score 'NA'.
-SCHEMA_VERSION = "2"
-SCHEMA_VERSIONS: tuple[str, ...] = ("1", "2")
+#: Version of the measured-row schema. 2 added schema_version, policy_sha256 and task_score; 3 added per_dataset.
+#: Files written under schema 1 (no schema_version column) are read as schema-1 rows with policy_sha256 'unknown',
+#: task_score 'NA' and per_dataset 'NA'; files written under schema 2 as schema-2 rows with per_dataset 'NA'.
+SCHEMA_VERSION = "3"
+SCHEMA_VERSIONS: tuple[str, ...] = ("1", "2", "3")
 LEADERBOARD_COLUMNS_V1: tuple[str, ...] = (
     "suite_version", "env_id", "env_version", "data_source", "data_sha256", "split", "method", "method_config",
     "teacher_context", "model", "model_params", "seed", "train_steps", "n_eval_episodes", "success_rate",
     "success_se", "progress_mean", "return_mean", "steps_mean", "invalid_action_rate", "per_task_type",
     "wall_clock_s", "env_steps_per_s", "git_commit", "date", "source",
 )
-LEADERBOARD_COLUMNS: tuple[str, ...] = (
+LEADERBOARD_COLUMNS_V2: tuple[str, ...] = (
     "schema_version", "suite_version", "env_id", "env_version", "data_source", "data_sha256", "split", "method",
     "method_config", "teacher_context", "model", "model_params", "policy_sha256", "seed", "train_steps",
     "n_eval_episodes", "success_rate", "success_se", "task_score", "progress_mean", "return_mean", "steps_mean",
     "invalid_action_rate", "per_task_type", "wall_clock_s", "env_steps_per_s", "git_commit", "date", "source",
+)
+LEADERBOARD_COLUMNS: tuple[str, ...] = (
+    *LEADERBOARD_COLUMNS_V2[: LEADERBOARD_COLUMNS_V2.index("per_task_type") + 1], "per_dataset",
+    *LEADERBOARD_COLUMNS_V2[LEADERBOARD_COLUMNS_V2.index("per_task_type") + 1:],
 )
 # method_config is part of the key: two configurations of one method are two entries, not two seeds of one.
 # policy_sha256 is too: the same configuration started from other initial weights is another experiment.
@@ -268,6 +273,51 @@ def _per_task_type(value: Any) -> str | None:
     return None
 
 
+def _per_dataset(value: Any) -> str | None:
+    """'NA' (the environment's episodes name no dataset), or a non-empty JSON object: dataset (non-empty text) ->
+    {"success_rate": rate in [0, 1], "n": episodes (integer >= 1)}, as `per_dataset_success` writes it."""
+    if value == NOT_APPLICABLE:
+        return None
+    parsed, error = _json_object(value)
+    if error:
+        return error + f" or '{NOT_APPLICABLE}' (not applicable)"
+    if not parsed:
+        return f"an empty object: write '{NOT_APPLICABLE}' when the episodes name no dataset"
+    for dataset, result in parsed.items():
+        if not dataset or dataset != dataset.strip() or _CONTROL.search(dataset):
+            return f"dataset {dataset!r} must be non-empty text without control characters or outer spaces"
+        if not isinstance(result, dict) or set(result) != {"success_rate", "n"}:
+            return f"dataset {dataset!r}: expected {{\"success_rate\": rate, \"n\": episodes}}, got {result!r}"
+        n = result["n"]
+        if not _rate(result["success_rate"]) or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            return f"dataset {dataset!r}: needs a success rate in [0, 1] and n >= 1, got {result!r}"
+    return None
+
+
+def per_dataset_success(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A row's `per_dataset`: for each dataset named by the records' `dataset` key (Search-QA's nq, hotpotqa, ...),
+    in sorted order, {"success_rate": wins / n, "n": n}. Every record needs `dataset` (non-empty text) and `won`."""
+    wins: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for number, record in enumerate(records, start=1):
+        dataset = record.get("dataset")
+        if not isinstance(dataset, str) or not dataset or "won" not in record:
+            raise ValueError(f"record {number}: needs 'dataset' (non-empty text) and 'won', got {dict(record)!r:.200}")
+        wins[dataset] = wins.get(dataset, 0.0) + float(bool(record["won"]))
+        counts[dataset] = counts.get(dataset, 0) + 1
+    if not counts:
+        raise ValueError("per_dataset_success needs at least one record")
+    return {d: {"success_rate": wins[d] / counts[d], "n": counts[d]} for d in sorted(counts)}
+
+
+def macro_average(per_dataset: Mapping[str, Mapping[str, Any]]) -> float:
+    """The mean of the per-dataset success rates, each dataset weighing the same whatever its size (the average
+    Search-R1 and SDAR report over their QA datasets)."""
+    if not per_dataset:
+        raise ValueError("macro_average needs at least one dataset")
+    return math.fsum(float(v["success_rate"]) for v in per_dataset.values()) / len(per_dataset)
+
+
 def _source(allow_run: bool, allow_paper: bool) -> Checker:
     def check(value: Any) -> str | None:
         if not isinstance(value, str):
@@ -349,6 +399,7 @@ LEADERBOARD_SCHEMA = TableSchema(
         "steps_mean": _real(0.0),
         "invalid_action_rate": _real(0.0, 1.0),
         "per_task_type": _per_task_type,
+        "per_dataset": _per_dataset,
         "wall_clock_s": _real(0.0),
         "env_steps_per_s": _real(0.0),
         "git_commit": _text(_GIT_COMMIT, "a lowercase hex git commit (7 to 40 digits) or 'unknown'"),
@@ -356,7 +407,7 @@ LEADERBOARD_SCHEMA = TableSchema(
         "source": _source(allow_run=True, allow_paper=True),
     },
     key=KEY_COLUMNS,
-    json_columns=("method_config", "per_task_type"),
+    json_columns=("method_config", "per_task_type", "per_dataset"),
     row_checkers=(_base_rows_are_untrained,),
 )
 
@@ -473,7 +524,8 @@ def validate_rows(rows: pd.DataFrame | Iterable[Mapping[str, Any]], schema: Tabl
         columns_wrong = any(p.message in ("unknown column", "missing column") for p in problems)
         hint = f"a {schema.name} has exactly these columns: {', '.join(schema.columns)}" if columns_wrong else ""
         if columns_wrong and schema is LEADERBOARD_SCHEMA:
-            hint += f"\n(or, written by schema 1, exactly these: {', '.join(LEADERBOARD_COLUMNS_V1)})"
+            hint += (f"\n(or, written by schema 2, exactly these: {', '.join(LEADERBOARD_COLUMNS_V2)})"
+                     f"\n(or, written by schema 1, exactly these: {', '.join(LEADERBOARD_COLUMNS_V1)})")
         raise LeaderboardValidationError(problems, origin, hint)
 
 
@@ -581,11 +633,17 @@ def read_table(path: str | Path, max_bytes: int | None = None) -> pd.DataFrame:
 
 
 def upgrade_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows of a schema-1 file (exactly the schema-1 columns) in schema-2 form: schema_version '1', policy_sha256
-    'unknown' (schema 1 did not record the initial weights), task_score 'NA'. Any other table is returned as is."""
-    if "schema_version" in frame.columns or sorted(frame.columns) != sorted(LEADERBOARD_COLUMNS_V1):
+    """Rows of an older file in the current form. Schema 1 (exactly its columns): schema_version '1',
+    policy_sha256 'unknown' (schema 1 did not record the initial weights), task_score 'NA', per_dataset 'NA'.
+    Schema 2 (exactly its columns): per_dataset 'NA'. Any other table is returned as is."""
+    columns = sorted(frame.columns)
+    if columns == sorted(LEADERBOARD_COLUMNS_V1):
+        upgraded = frame.assign(schema_version="1", policy_sha256=UNKNOWN, task_score=NOT_APPLICABLE,
+                                per_dataset=NOT_APPLICABLE)
+    elif columns == sorted(LEADERBOARD_COLUMNS_V2):
+        upgraded = frame.assign(per_dataset=NOT_APPLICABLE)
+    else:
         return frame
-    upgraded = frame.assign(schema_version="1", policy_sha256=UNKNOWN, task_score=NOT_APPLICABLE)
     return upgraded[list(LEADERBOARD_COLUMNS)]
 
 
@@ -600,8 +658,8 @@ def write_table(path: str | Path, rows: Iterable[Mapping[str, Any]], schema: Tab
 
 
 def validate_csv(path: str | Path, schema: TableSchema = LEADERBOARD_SCHEMA) -> pd.DataFrame:
-    """Read and validate one CSV file (schema-1 leaderboard files are read as schema 2, see `upgrade_rows`);
-    the error names the file, the row and the column."""
+    """Read and validate one CSV file (schema-1 and schema-2 leaderboard files are read in the current form, see
+    `upgrade_rows`); the error names the file, the row and the column."""
     frame = read_table(path)
     if schema is LEADERBOARD_SCHEMA:
         frame = upgrade_rows(frame)
@@ -624,7 +682,8 @@ def make_result_row(**fields: Any) -> dict[str, Any]:
 
     Fills `schema_version` (this schema), `suite_version`, `git_commit` (of this checkout, 'unknown' outside git),
     `date` (today, UTC) and `source='run'` unless given; `task_score=None` (or absent) is written 'NA' (the
-    environment has no task score); an absent `policy_sha256` is written 'unknown' (give
+    environment has no task score), and so is `per_dataset=None` (no dataset per episode); an absent
+    `policy_sha256` is written 'unknown' (give
     `identity.weights_sha256` of the initial weights: rows of unknown weights are compared only with each other);
     `method_config` and `per_task_type` may be dicts (stored as canonical JSON).
     """
@@ -635,8 +694,9 @@ def make_result_row(**fields: Any) -> dict[str, Any]:
     row.setdefault("date", dt.datetime.now(dt.timezone.utc).date().isoformat())
     row.setdefault("source", RUN_SOURCE)
     row.setdefault("policy_sha256", UNKNOWN)
-    if row.get("task_score") is None:
-        row["task_score"] = NOT_APPLICABLE
+    for column in ("task_score", "per_dataset"):
+        if row.get(column) is None:
+            row[column] = NOT_APPLICABLE
     for column in LEADERBOARD_SCHEMA.json_columns:
         if isinstance(row.get(column), (dict, list)):
             row[column] = canonical_json(row[column])

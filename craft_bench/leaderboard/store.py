@@ -142,7 +142,7 @@ def _check_across_files(files: dict[Path, list[dict[str, Any]]], root: Path) -> 
 
 def load_submissions(root: Path) -> pd.DataFrame:
     """Every measured row under root/submissions, validated file by file and then across files (keys unique,
-    source 'run' only), in schema-2 form; an empty frame with the leaderboard columns when there are none."""
+    source 'run' only), in the current schema's form; an empty frame with the leaderboard columns when there are none."""
     rows = _check_across_files(_submission_files(root), root)
     return pd.DataFrame(rows, columns=list(LEADERBOARD_SCHEMA.columns), dtype=str)
 

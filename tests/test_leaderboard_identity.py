@@ -1,0 +1,102 @@
+"""Tests of the run identity's declared groups (leaderboard.identity): every TrainConfig field is declared exactly
+once (key, neutral, training-only or evaluation), an undeclared field is caught, and each group acts on the config id
+as declared, for trained methods and for the untrained `base` model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict
+from typing import Any
+
+import pytest
+
+from craft_bench.agents.trainer import TrainConfig
+from craft_bench.leaderboard.identity import (
+    EVALUATION_SETTINGS,
+    KEY_SETTINGS,
+    NEUTRAL_SETTINGS,
+    TRAINING_ONLY_SETTINGS,
+    config_id,
+    run_config,
+    undeclared_settings,
+)
+from craft_bench.leaderboard.schema import EVAL_TEMPERATURE
+
+GROUPS = {"key": KEY_SETTINGS, "neutral": tuple(NEUTRAL_SETTINGS), "training-only": TRAINING_ONLY_SETTINGS,
+          "evaluation": EVALUATION_SETTINGS}
+FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+METHOD = {"alpha": 0.01, "lam": 0.01}
+
+
+def test_every_trainconfig_field_is_declared_in_exactly_one_group():
+    """A new TrainConfig field must be declared: neutral (with the reason) if it provably cannot change results,
+    training-only if it changes training but not an untrained evaluation, evaluation if it changes any row."""
+    assert undeclared_settings(FIELDS) == [], (
+        "declare each new TrainConfig field in craft_bench/leaderboard/identity.py: NEUTRAL_SETTINGS (with the reason "
+        "it cannot change results), TRAINING_ONLY_SETTINGS or EVALUATION_SETTINGS")
+    declared = [name for names in GROUPS.values() for name in names]
+    assert sorted(name for name in set(declared) if declared.count(name) > 1) == []
+    assert sorted(set(declared) - set(FIELDS)) == [], "a declared name is not a TrainConfig field (renamed or removed?)"
+
+
+def test_a_field_added_to_trainconfig_without_a_declaration_is_caught():
+    grown = dataclasses.make_dataclass("Grown", [("brand_new_knob", int, dataclasses.field(default=3))],
+                                       bases=(TrainConfig,))
+    assert undeclared_settings(f.name for f in dataclasses.fields(grown)) == ["brand_new_knob"]
+    # Until declared, it is recorded for every method, base included: it can split an id, never merge two.
+    settings = {**asdict(TrainConfig()), "brand_new_knob": 3}
+    assert run_config(settings, METHOD)["train"]["brand_new_knob"] == 3
+    assert run_config({**settings, "method": "base"}, {})["train"]["brand_new_knob"] == 3
+
+
+def _changed(value: Any) -> Any:
+    """A different value of the same kind (the identity hashes values; it does not validate them)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 2 + 0.5
+    if isinstance(value, str):
+        return value + "_other"
+    if isinstance(value, dict):
+        return {**value, "other": 1}
+    return 7  # None
+
+
+def _ids(name: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(trained id before, after) and (base id before, after) when setting `name` changes."""
+    settings = asdict(TrainConfig())
+    other = {**settings, name: _changed(settings[name])}
+    trained = (config_id(run_config(settings, METHOD)), config_id(run_config(other, METHOD)))
+    base_settings, base_other = {**settings, "method": "base"}, {**other, "method": "base"}
+    if name == "method":
+        base_other["method"] = "base"
+    base = (config_id(run_config(base_settings, {})), config_id(run_config(base_other, {})))
+    return trained, base
+
+
+@pytest.mark.parametrize("name", EVALUATION_SETTINGS + (EVAL_TEMPERATURE,))
+def test_an_evaluation_setting_changes_the_id_of_trained_and_base_rows(name):
+    (trained, trained_after), (base, base_after) = _ids(name)
+    assert trained != trained_after and base != base_after
+
+
+@pytest.mark.parametrize("name", TRAINING_ONLY_SETTINGS)
+def test_a_training_only_setting_changes_trained_ids_and_never_the_base_id(name):
+    (trained, trained_after), (base, base_after) = _ids(name)
+    assert trained != trained_after and base == base_after
+
+
+@pytest.mark.parametrize("name", [n for n in NEUTRAL_SETTINGS if n not in ("method_options", EVAL_TEMPERATURE)]
+                         + list(KEY_SETTINGS))
+def test_neutral_and_key_settings_never_enter_method_config(name):
+    (trained, trained_after), (base, base_after) = _ids(name)
+    assert trained == trained_after and base == base_after
+
+
+def test_base_has_no_method_options_and_its_config_holds_only_evaluation_settings():
+    config = run_config({**asdict(TrainConfig(lr=1e-3, steps=99)), "method": "base"}, {})
+    assert set(config) == {EVAL_TEMPERATURE, "train"} and set(config["train"]) == set(EVALUATION_SETTINGS)
+    with pytest.raises(ValueError, match="has no options"):
+        run_config({**asdict(TrainConfig()), "method": "base"}, {"lam": 0.01})
