@@ -8,6 +8,11 @@ method options included), so two configurations never share a directory; one pro
 (`.lock`). `--resume` picks up after any interruption without losing a finished step; `--eval-only` evaluates the
 run's final_model/ (else its checkpoint, else the initial model, and says which) into eval_only.csv and
 eval_only_result.csv, never touching the training outputs. Bad settings are refused before anything is created.
+
+`--method base` (SDAR's "Vanilla") evaluates the untrained initial model on the run's evaluation list: no training,
+no checkpoint, train_steps 0. Its config id leaves out training-only settings (leaderboard.identity), so one base
+row stands beside every method of one env x model x evaluation protocol; `--resume` or `--eval-only` of a finished
+base run reports its row without evaluating again.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from craft_bench.agents.run_files import (
 )
 from craft_bench.agents.presets import PRESET_NAMES, preset_values
 from craft_bench.agents.trainer import CHECKPOINT_FILE, CONFIG_FILE, EVAL_FILE, FINAL_MODEL_DIR, METRICS_FILE, TrainConfig, Trainer
+from craft_bench.leaderboard.schema import BASE_METHOD
 
 RESULT_FILE = "result.csv"
 EVAL_ONLY_FILE = "eval_only.csv"
@@ -51,12 +57,20 @@ EVAL_ONLY_RESULT_FILE = "eval_only_result.csv"
 FINAL_STATE_FILE = "craft_bench_state.json"
 #: Fields that --set may not change, and the flag that does.
 FLAG_FIELDS = {"seed": "--seeds (e.g. --seeds 0,1,2)", "method": "--method"}
+#: What --method accepts: the untrained model `base`, then every trainer.
+RUN_METHODS: tuple[str, ...] = (BASE_METHOD, *METHOD_NAMES)
+#: The method a `base` evaluation builds its Trainer with: its options are {}, so it holds no teacher or reference
+#: copy; it never trains, so the method never acts. (Trainer has no evaluation-only mode to ask for instead.)
+BASE_STAND_IN = "grpo"
+#: Episode info keys copied into eval.csv when the environment reports them: Search-QA's source dataset and
+#: WebShop's graded purchase score.
+EPISODE_INFO_KEYS = ("dataset", "task_score")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m craft_bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", action="append", required=True, help=f"method(s), comma-separated or repeated: {', '.join(METHOD_NAMES)}")
+    parser.add_argument("--method", action="append", required=True, help=f"method(s), comma-separated or repeated: {', '.join(RUN_METHODS)} (base: the untrained model, evaluated only)")
     parser.add_argument("--env", default=defaults.env_id, help=f"environment id (default {defaults.env_id})")
     parser.add_argument("--model", default=defaults.model, help="hub id, local path or .gguf, 'smollm2-135m' (offline chat model, extra smollm2), or 'tiny' (default)")
     parser.add_argument("--engine", choices=["hf", "vllm"], default=None, help="rollout engine: hf (default) or vllm (extra vllm; docs/real_models.md)")
@@ -84,9 +98,9 @@ def build_configs(args: argparse.Namespace) -> list[TrainConfig]:
     Every check that can fail runs here, before any directory is created: flags, methods and their options, seeds,
     the type and range of every setting, the environment id, the model path and the device."""
     methods = [m.strip() for group in args.method for m in group.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHOD_NAMES]
+    unknown = [m for m in methods if m not in RUN_METHODS]
     if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown}; valid: {', '.join(METHOD_NAMES)}")
+        raise SystemExit(f"error: unknown method(s) {unknown}; valid: {', '.join(RUN_METHODS)}")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -125,16 +139,22 @@ def build_configs(args: argparse.Namespace) -> list[TrainConfig]:
     _check_model(overrides["model"])
     _check_device(overrides.get("device", TrainConfig().device))
     set_options = overrides.pop("method_options", {})
+    if set(methods) == {BASE_METHOD} and (cli_options or set_options):
+        raise SystemExit(f"error: method {BASE_METHOD!r} (the untrained model) has no options; drop --option and --set method_options")
     configs = []
     for seed in seeds:
         for method in methods:
             values = preset_values(args.preset, method)
-            # Preset options, then --set method_options={...}, then each --option: the most specific wins.
+            # Preset options, then --set method_options={...}, then each --option: the most specific wins. The
+            # untrained model has none (the preset's other settings, its evaluation protocol, still apply).
             options = {**values.pop("method_options", {}), **set_options, **cli_options}
+            if method == BASE_METHOD:
+                options = {}
             values = {**values, **overrides, "method": method, "seed": seed, "method_options": options}
             try:
                 validate_train_config(values, TrainConfig)
-                make_method(method, **options)  # unknown or bad method options fail here, not after the start
+                if method != BASE_METHOD:
+                    make_method(method, **options)  # unknown or bad method options fail here, not after the start
                 configs.append(TrainConfig.from_dict(values))
             except (TypeError, ValueError) as error:  # ConfigError is a ValueError
                 raise SystemExit(f"error: {error}") from None
@@ -181,12 +201,23 @@ def _check_device(device: str) -> None:
         raise SystemExit(f"error: --device {device}: MPS is not available on this machine; use --device cpu")
 
 
-def run_id(config: TrainConfig) -> str:
-    """The configuration's id (leaderboard.identity): every setting that changes results except the ones in the run
-    name itself (env, method, model, split, seed); the same id names the run's leaderboard entry."""
-    from craft_bench.leaderboard.identity import config_id, run_config
+def run_config_of(config: TrainConfig) -> dict[str, Any]:
+    """The run's `method_config` (leaderboard.identity.run_config): its method's resolved options ({} for base) and
+    every other setting that changes results. The one source of the run directory's id, config.json's run_id and
+    the result row's method_config, so the three cannot drift apart."""
+    from craft_bench.leaderboard.identity import run_config
 
-    return config_id(run_config(asdict(config), make_method(config.method, **config.method_options).config))
+    options = {} if config.method == BASE_METHOD else make_method(config.method, **config.method_options).config
+    return run_config(asdict(config), options)
+
+
+def run_id(config: TrainConfig) -> str:
+    """The configuration's id (leaderboard.identity.config_id of `run_config_of`): every setting that changes
+    results except the ones in the run name itself (env, method, model, split, seed); the leaderboard names the
+    run's entry with the same id (`config_id` of the row's method_config)."""
+    from craft_bench.leaderboard.identity import config_id
+
+    return config_id(run_config_of(config))
 
 
 def run_name(config: TrainConfig) -> str:
@@ -210,6 +241,8 @@ def run_one(
     if eval_only and dp.world_size > 1:
         raise SystemExit("error: --eval-only runs in one process; launch it without accelerate/torchrun")
     run_dir = out / run_name(config)
+    if config.method == BASE_METHOD and not dp.is_main:
+        return None  # evaluation only: rank 0 does it alone, nothing collective happens
     if not dp.is_main:  # rank 0 makes, locks and checks the directory; the others follow its verdict
         verdict = dp.gather(None)[0]
         if verdict:
@@ -228,6 +261,9 @@ def run_one(
         _tell_ranks(dp, f"error: {error}")
         raise SystemExit(f"error: {error}") from None
     try:
+        if config.method == BASE_METHOD:
+            return _evaluate_base(config, run_dir, finished_ok=resume or eval_only, overwrite=overwrite,
+                                  progress=progress)
         if eval_only:
             return _evaluate_only(config, run_dir, progress=progress)
         if dp.world_size > 1:
@@ -347,6 +383,27 @@ def _evaluate_only(config: TrainConfig, run_dir: Path, *, progress: bool) -> dic
         trainer.close()
 
 
+def _evaluate_base(config: TrainConfig, run_dir: Path, *, finished_ok: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
+    """`base`: the untrained initial model on the run's evaluation list, into eval.csv and result.csv (train_steps
+    0, the initial weights' hash); no optimizer step, no checkpoint, no final_model/. It evaluates through the
+    Trainer (with BASE_STAND_IN, never trained), so the base row is measured exactly as every trained row is. A
+    finished base run is reported, not evaluated again, under --resume or --eval-only (nothing could change it)."""
+    from craft_bench.leaderboard import validate_csv
+
+    result = run_dir / RESULT_FILE
+    if result.is_file() and finished_ok and not overwrite:
+        print(f"{run_dir}: the untrained model is already evaluated ({RESULT_FILE}); nothing to do", file=sys.stderr)
+        return validate_csv(result).to_dict("records")[0]
+    _check_fresh_or_resumed(run_dir, resume=finished_ok, overwrite=overwrite)
+    trainer = _start_trainer(replace(config, method=BASE_STAND_IN, method_options={}), run_dir, progress=progress)
+    try:
+        policy_sha256 = _weights_sha256(trainer)
+        write_json_atomic(run_dir / CONFIG_FILE, {**_config_record(config, trainer), "policy_sha256": policy_sha256})
+        return _evaluate_into(config, trainer, run_dir / EVAL_FILE, result, policy_sha256)
+    finally:
+        trainer.close()
+
+
 def _weights_sha256(trainer: Trainer) -> str:
     from craft_bench.leaderboard.identity import weights_sha256
 
@@ -387,7 +444,7 @@ def _evaluate_into(config: TrainConfig, trainer: Trainer, eval_path: Path, resul
     from craft_bench.leaderboard import make_result_row, write_result_csv
 
     tick = time.perf_counter()
-    records = trainer.evaluate()
+    records = with_episode_info(trainer.evaluate(), _terminal_infos(trainer))
     eval_s = time.perf_counter() - tick
     write_text_atomic(eval_path, pd.DataFrame(records).to_csv(index=False))
     row = make_result_row(**_result_fields(config, trainer, records, eval_s), policy_sha256=policy_sha256 or "unknown")
@@ -395,7 +452,31 @@ def _evaluate_into(config: TrainConfig, trainer: Trainer, eval_path: Path, resul
     return row
 
 
+def _terminal_infos(trainer: Trainer) -> list[dict[str, Any]]:
+    """The last info of every episode of the evaluation just played: the evaluation runner keeps each finished
+    slot's terminal info. (Read here because agents/rollout.evaluate_episodes does not copy info keys into its
+    records; `with_episode_info` prefers keys a record already has.)"""
+    runner = getattr(trainer, "_eval_runner", None)
+    return [info for info in getattr(runner, "last_infos", None) or [] if isinstance(info, dict)]
+
+
+def with_episode_info(records: list[dict[str, Any]], infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`records` (one per evaluation episode) with the EPISODE_INFO_KEYS (dataset, task_score) that their episode's
+    terminal info reports, matched by task_id; a key the record already holds is kept as it is. Records whose task
+    has no info (or whose info lacks the key) get nothing, never a value of another episode."""
+    by_task: dict[str, dict[str, Any]] = {}
+    for info in infos:
+        by_task.setdefault(str(info.get("task_id")), info)
+    out = []
+    for record in records:
+        info = by_task.get(str(record["task_id"]), {})
+        out.append({**record, **{k: info[k] for k in EPISODE_INFO_KEYS if k in info and k not in record}})
+    return out
+
+
 def _result_fields(config: TrainConfig, trainer: Trainer, records: list[dict[str, Any]], eval_s: float) -> dict[str, Any]:
+    from craft_bench.leaderboard.schema import per_dataset_success
+
     n = len(records)
     won = [float(r["won"]) for r in records]
     success = sum(won) / n
@@ -412,8 +493,8 @@ def _result_fields(config: TrainConfig, trainer: Trainer, records: list[dict[str
         "data_sha256": env_meta["data_sha256"],
         "split": config.eval_split,
         "method": config.method,
-        "method_config": _run_config(config, trainer),
-        "teacher_context": env_meta["teacher_context"] if trainer.method.needs_teacher else "none",
+        "method_config": run_config_of(config),
+        "teacher_context": env_meta["teacher_context"] if config.method != BASE_METHOD and trainer.method.needs_teacher else "none",
         "model": config.model,
         "model_params": count_parameters(trainer.model),
         "seed": config.seed,
@@ -430,6 +511,9 @@ def _result_fields(config: TrainConfig, trainer: Trainer, records: list[dict[str
         "env_steps_per_s": round(state.env_steps / state.env_time_s, 3) if state.env_time_s > 0 else 0.0,
         # Environments with a graded score (WebShop) report it per episode; the others have none ('NA').
         "task_score": sum(scores) / n if all(isinstance(v, (int, float)) for v in scores) else None,
+        # Environments whose episodes come from several datasets (Search-QA) report success per dataset; the
+        # leaderboard adds their macro average, as Search-R1 and SDAR report it.
+        "per_dataset": per_dataset_success(records) if all(r.get("dataset") for r in records) else None,
     }
 
 
@@ -451,13 +535,6 @@ def _env_metadata(config: TrainConfig, trainer: Trainer) -> dict[str, str]:
     }
 
 
-def _run_config(config: TrainConfig, trainer: Trainer) -> dict[str, Any]:
-    """The result row's method_config: every result-changing setting, hashed into the run id (leaderboard.identity)."""
-    from craft_bench.leaderboard.identity import run_config
-
-    return run_config(asdict(config), trainer.method.config)
-
-
 def _config_record(config: TrainConfig, trainer: Trainer) -> dict[str, Any]:
     import torch
     import transformers
@@ -467,7 +544,7 @@ def _config_record(config: TrainConfig, trainer: Trainer) -> dict[str, Any]:
     return {
         "config": asdict(config),
         "run_id": run_id(config),
-        "method_config": trainer.method.config,
+        "method_config": {} if config.method == BASE_METHOD else trainer.method.config,
         "eval_tasks": trainer.eval_tasks,
         "versions": {
             "craft_bench": craft_bench.__version__,
@@ -496,8 +573,9 @@ def _make_loggers(names: list[str], run_dir: Path, config: TrainConfig) -> list:
 
 
 def _summary(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows)
-    return frame[["env_id", "method", "model", "seed", "train_steps", "n_eval_episodes", "success_rate", "progress_mean", "invalid_action_rate", "wall_clock_s"]]
+    frame = pd.DataFrame(rows)[["env_id", "method", "model", "seed", "train_steps", "n_eval_episodes", "success_rate", "progress_mean", "invalid_action_rate", "wall_clock_s"]]
+    numbers = ["seed", "train_steps", "n_eval_episodes", "success_rate", "progress_mean", "invalid_action_rate", "wall_clock_s"]
+    return frame.assign(**{c: pd.to_numeric(frame[c]) for c in numbers})  # a reported base row is read as text
 
 
 def main(argv: list[str] | None = None) -> int:
