@@ -203,7 +203,8 @@ def response_logprobs(
     then `logits` (rows, T, V) if `return_logits`.
     Layout per micro-batch: prompts left-padded and responses right-padded so every response starts at the same
     column; only the response positions go through the LM head when the model supports `logits_to_keep`.
-    `micro_batch` bounds the rows per forward pass; results are identical up to float rounding.
+    `micro_batch` bounds the rows per forward pass, which groups rows of similar lengths (`micro_batch_order`); the
+    results do not depend on it beyond float rounding.
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
@@ -218,15 +219,42 @@ def response_logprobs(
     rows = len(prompt_ids)
     width = max(len(r) for r in response_ids)
     step = micro_batch or rows
+    # Micro-batches of similar lengths: rows are grouped by (prompt, response) length, so each forward pads only to
+    # its own longest prompt and response instead of the longest of rows that happen to be neighbours. Outputs come
+    # back in the caller's row order; only float rounding of the batched matmuls depends on the grouping.
+    order = micro_batch_order([len(p) for p in prompt_ids], [len(r) for r in response_ids], step)
     parts: list[tuple[torch.Tensor, ...]] = []
-    for begin in range(0, rows, step):
-        prompts = [list(map(int, p)) for p in prompt_ids[begin : begin + step]]
-        responses = [list(map(int, r)) for r in response_ids[begin : begin + step]]
-        parts.append(
-            _score_chunk(model, prompts, responses, width, pad_token_id, device, return_logits)
-        )
+    for chunk in order:
+        prompts = [list(map(int, prompt_ids[i])) for i in chunk]
+        responses = [list(map(int, response_ids[i])) for i in chunk]
+        part = _score_chunk(model, prompts, responses, max(len(r) for r in responses), pad_token_id, device, return_logits)
+        parts.append(tuple(_pad_width(tensor, width) for tensor in part))
     outputs = [torch.cat(column, dim=0) for column in zip(*parts)]
+    flat = [i for chunk in order for i in chunk]
+    if flat != list(range(rows)):
+        inverse = torch.empty(rows, dtype=torch.long)
+        inverse[torch.tensor(flat)] = torch.arange(rows)
+        outputs = [tensor[inverse.to(tensor.device)] for tensor in outputs]
     return tuple(outputs)
+
+
+def micro_batch_order(prompt_lengths: Sequence[int], response_lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Row indices in micro-batches of at most `size` rows, each of rows of similar lengths (sorted by prompt then
+    response length, stable, so deterministic); one batch in row order when every row fits in one."""
+    rows = len(prompt_lengths)
+    if size >= rows:
+        return [list(range(rows))]
+    order = sorted(range(rows), key=lambda i: (prompt_lengths[i], response_lengths[i]))
+    return [order[i : i + size] for i in range(0, rows, size)]
+
+
+def _pad_width(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """A (rows, T, ...) output padded with zeros (False for masks) to (rows, width, ...)."""
+    missing = width - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    pad = tensor.new_zeros((tensor.shape[0], missing, *tensor.shape[2:]))
+    return torch.cat([tensor, pad], dim=1)
 
 
 def _score_chunk(

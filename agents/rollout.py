@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -146,8 +147,11 @@ def collect_rollouts(
     with_teacher: bool = True,
     act_on: str = "student",
     first_group: int = 0,
+    waves: int = 1,
+    progress: Callable[[int], None] | None = None,
 ) -> RolloutBatch:
-    """Play `task_ids` x `group_size` episodes to the end (the environment's max_steps), one generate call per turn.
+    """Play `task_ids` x `group_size` episodes to the end (the environment's max_steps), one generate call per turn
+    of each wave.
 
     `history_turns` overrides the policy's PromptConfig.history_turns (H). `with_teacher=False` skips the teacher
     prompts (evaluation). `act_on="teacher"` samples from the teacher prompt instead of the student's: it measures
@@ -155,10 +159,17 @@ def collect_rollouts(
     `first_group` is the step-wide index of the first task's group (a data-parallel rank plays a block of the step's
     groups): group ids, episode ids (global slots) and sampling seeds are numbered from it, so a block played alone
     gives exactly the rows that one process playing every group would.
-    Returns the rows ordered by (episode_id, turn_idx).
+    `waves` > 1 splits the slots into waves (slot % waves) that take turns: while the env workers step one wave (in
+    a background thread that waits on them), this process samples the next wave's replies. Each reply's seed is
+    (seed, step, slot, turn) either way; only float rounding of the batched forward pass depends on which rows share
+    it. `progress(n)` is called with the number of episodes that just finished.
+    Returns the rows ordered by (episode_id, turn_idx). `timings["env_s"]` is the env time the caller waited for
+    (resets, and steps not hidden behind generation).
     """
     if act_on not in ("student", "teacher"):
         raise ValueError(f"act_on must be 'student' or 'teacher', got {act_on!r}")
+    if isinstance(waves, bool) or not isinstance(waves, int) or waves < 1:
+        raise ValueError(f"waves must be an int >= 1, got {waves!r}")
     needs_privileged = with_teacher or act_on == "teacher"
     if history_turns is not None and history_turns != policy.prompt_config.history_turns:
         policy = _with_prompt_config(policy, replace(policy.prompt_config, history_turns=history_turns))
@@ -176,9 +187,8 @@ def collect_rollouts(
     active = list(runner.active)
     generate_time = 0.0
     generated = 0
-    turn = 0
-    while any(active):
-        playing = [slot for slot in range(slots) if active[slot]]
+
+    def act(playing: list[int]) -> tuple[list[Any], list[Any]]:
         prompts = [
             policy.turn_prompts(
                 infos[slot]["goal"],
@@ -191,18 +201,12 @@ def collect_rollouts(
             )
             for slot in playing
         ]
-        tick = time.perf_counter()
-        seeds = [sample_seed(seed, step, first_slot + slot, turn) for slot in playing]
+        seeds = [sample_seed(seed, step, first_slot + slot, len(rows_by_slot[slot])) for slot in playing]
         acting = [p.teacher_ids if act_on == "teacher" else p.student_ids for p in prompts]
-        acts = policy.act(acting, sampling, seeds)  # type: ignore[arg-type]
-        generate_time += time.perf_counter() - tick
-        generated += sum(len(a.response_ids) for a in acts)
-        actions: list[str | None] = [None] * slots
-        for slot, act in zip(playing, acts):
-            actions[slot] = act.env_action
-        tick = time.perf_counter()
-        results = runner.step(actions)
-        env_time += time.perf_counter() - tick
+        return prompts, policy.act(acting, sampling, seeds)  # type: ignore[arg-type]
+
+    def record(playing: list[int], prompts: list[Any], acts: list[Any], results: dict[int, Any]) -> None:
+        finished = 0
         for slot, prompt, act in zip(playing, prompts, acts):
             result = results[slot]
             info = result.info
@@ -215,7 +219,7 @@ def collect_rollouts(
                     logprobs=act.logprobs,
                     group_id=episodes[slot].group_id,
                     episode_id=first_slot + slot,
-                    turn_idx=turn,
+                    turn_idx=len(rows_by_slot[slot]),
                     reply=act.reply,
                     action=act.env_action,
                     parsed=act.action is not None,
@@ -232,7 +236,46 @@ def collect_rollouts(
             histories[slot].append((observations[slot], " ".join(act.env_action.split())))
             observations[slot], infos[slot] = result.obs, info
             active[slot] = not (result.terminated or result.truncated)
-        turn += 1
+            finished += not active[slot]
+        if progress is not None and finished:
+            progress(finished)
+
+    # One wave in flight at the env workers at a time; `pending` is its (slots, prompts, acts, future results).
+    wave_slots = [[slot for slot in range(slots) if slot % waves == wave] for wave in range(waves)]
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="env-wave") if waves > 1 else None
+    pending: tuple[list[int], list[Any], list[Any], Future] | None = None
+    try:
+        wave = 0
+        while True:
+            playing = [slot for slot in wave_slots[wave] if active[slot]]
+            acted = None
+            if playing:
+                tick = time.perf_counter()
+                prompts, acts = act(playing)
+                generate_time += time.perf_counter() - tick
+                generated += sum(len(a.response_ids) for a in acts)
+                acted = (playing, prompts, acts)
+            if pending is not None:  # the previous wave's env steps ran while this wave generated
+                tick = time.perf_counter()
+                results = pending[3].result()
+                env_time += time.perf_counter() - tick
+                record(pending[0], pending[1], pending[2], results)
+                pending = None
+            if acted is not None:
+                step_actions = {slot: a.env_action for slot, a in zip(acted[0], acted[2])}
+                if executor is None:
+                    tick = time.perf_counter()
+                    results = runner.step_slots(step_actions)
+                    env_time += time.perf_counter() - tick
+                    record(*acted, results)
+                else:
+                    pending = (*acted, executor.submit(runner.step_slots, step_actions))
+            if pending is None and not any(active):
+                break
+            wave = (wave + 1) % waves
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True)
     rows = [row for slot_rows in rows_by_slot for row in slot_rows]
     total = time.perf_counter() - started
     return RolloutBatch(
@@ -280,21 +323,35 @@ def evaluate_episodes(
     max_new_tokens: int = 32,
     history_turns: int | None = None,
     act_on: str = "student",
+    waves: int = 1,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Play each task once at `temperature` (0 = greedy) and return one record per episode, in task order:
     task_id, task_type, won, progress, steps, invalid_actions, env_return. `act_on="teacher"` evaluates the policy
-    on its privileged prompts instead (the teacher's success)."""
-    batch = collect_rollouts(
-        runner,
-        policy,
-        task_ids,
-        1,
-        sampling=policy.sampling(temperature=temperature, max_new_tokens=max_new_tokens),
-        seed=seed,
-        history_turns=history_turns,
-        with_teacher=False,
-        act_on=act_on,
-    )
+    on its privileged prompts instead (the teacher's success). `waves` as in `collect_rollouts`; `progress` shows a
+    bar of finished episodes."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(task_ids), desc="evaluate", unit="episode", dynamic_ncols=True)
+    try:
+        batch = collect_rollouts(
+            runner,
+            policy,
+            task_ids,
+            1,
+            sampling=policy.sampling(temperature=temperature, max_new_tokens=max_new_tokens),
+            seed=seed,
+            history_turns=history_turns,
+            with_teacher=False,
+            act_on=act_on,
+            waves=waves,
+            progress=bar.update if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     return [
         {
             "task_id": e.task_id,

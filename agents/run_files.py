@@ -232,7 +232,8 @@ def _as_step(value: Any) -> int | None:
 #: `checkpoint_every` (a resumed run equals an uninterrupted one), `micro_batch_rows` and `device` (float rounding
 #: only: a run resumed on another device or micro-batch size is no longer bit-identical to an uninterrupted one).
 RESUME_MAY_CHANGE = frozenset(
-    {"steps", "num_workers", "env_workers", "ray_address", "checkpoint_every", "micro_batch_rows", "device"}
+    {"steps", "num_workers", "env_workers", "ray_address", "checkpoint_every", "micro_batch_rows", "device",
+     "torch_threads", "rollout_threads"}
 )
 
 
@@ -303,6 +304,9 @@ FIELD_RANGES: dict[str, Range] = {
     "eval_temperature": Range(0),  # 0 = greedy
     "num_workers": Range(0),  # 0 = environments in this process
     "checkpoint_every": Range(1),
+    "rollout_waves": Range(1),
+    "torch_threads": Range(1),
+    "rollout_threads": Range(1),
 }
 
 #: Fields with a fixed set of values.
@@ -310,6 +314,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "on_nonfinite": ("stop", "skip"),
     "engine": ("hf", "vllm"),
     "env_workers": ("local", "ray", "inprocess"),
+    "old_logprobs": ("rescore", "rollout"),
 }
 
 

@@ -35,7 +35,7 @@ from craft_bench.agents import checkpoint as ckpt
 from craft_bench.agents import losses as L
 from craft_bench.agents import run_files
 from craft_bench.agents.distributed import DataParallel
-from craft_bench.agents.engine import response_logprobs
+from craft_bench.agents.engine import micro_batch_order, response_logprobs
 from craft_bench.agents.episodes import episode_return, summarize
 from craft_bench.agents.methods import Method, combine_metrics, make_method
 from craft_bench.agents.policy import Policy, pad_token_id
@@ -127,6 +127,21 @@ class TrainConfig:
     vllm_options: dict[str, Any] = field(default_factory=dict)
     """With engine="vllm": overrides of agents.vllm_engine.VLLMConfig (gpu_memory_utilization, tensor_parallel_size,
     max_num_batched_tokens, sleep_between_rollouts, ...)."""
+    old_logprobs: str = "rescore"
+    """Where θ_old's log-probs come from. "rescore": the rollout's rows scored again by `response_logprobs`, as verl
+    computes old_log_prob. "rollout": the sampler's own log-probs, made by the same weights during generation, so
+    the same numbers up to float rounding between the cached and the full forward pass; it saves a forward pass
+    over every prompt. Needs engine="hf", temperature=1 and top_p=1 (otherwise the sampler's distribution is not π)."""
+    rollout_waves: int = 1
+    """The step's episodes split into this many waves that take turns: while the env workers step one wave, the
+    policy samples the replies of the next, so env stepping and generation overlap (2 on a 2-core machine). Sampled
+    tokens depend on it only through float rounding of batched generation (which rows share a forward pass)."""
+    torch_threads: int | None = None
+    """torch threads for scoring and the update (None: torch's setting when the trainer starts, by default one per
+    physical core)."""
+    rollout_threads: int | None = None
+    """torch threads while rollouts play (None: as torch_threads); with local env workers stepping at the same time,
+    fewer threads than cores avoids oversubscribing the cores."""
     device: str = "cpu"
     """torch device of the policy."""
     checkpoint_every: int = 1
@@ -155,6 +170,19 @@ class TrainConfig:
             problems.append(f"env_workers must be 'local', 'ray' or 'inprocess', got {self.env_workers!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             problems.append(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.old_logprobs not in ("rescore", "rollout"):
+            problems.append(f"old_logprobs must be 'rescore' or 'rollout', got {self.old_logprobs!r}")
+        elif self.old_logprobs == "rollout" and (self.engine != "hf" or self.temperature != 1.0 or self.top_p != 1.0):
+            problems.append(
+                "old_logprobs='rollout' needs engine='hf', temperature=1 and top_p=1 (the sampler's log-probs are then "
+                f"π_θ_old's own); got engine={self.engine!r}, temperature={self.temperature}, top_p={self.top_p}: "
+                "use old_logprobs='rescore'"
+            )
+        if self.rollout_waves < 1:
+            problems.append(f"rollout_waves must be >= 1, got {self.rollout_waves}")
+        for name in ("torch_threads", "rollout_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
@@ -218,6 +246,8 @@ class Trainer:
         self.policy = Policy.from_pretrained(config.model, device=config.device, tiny_options=tiny_options)
         self.model: torch.nn.Module = self.policy.engine.model  # type: ignore[attr-defined]
         self.pad_id = pad_token_id(self.policy.tokenizer)
+        self.torch_threads = config.torch_threads or torch.get_num_threads()
+        self.rollout_threads = config.rollout_threads or self.torch_threads
         # vLLM samples the rollouts (and evaluation episodes); every score and the update stay on self.model.
         self.vllm = None
         if config.engine == "vllm":
@@ -277,6 +307,10 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         """One rollout batch, `ppo_epochs` x mini-batches optimizer updates; returns the step's metrics row."""
+        with torch_threads(self.torch_threads):
+            return self._train_step(step)
+
+    def _train_step(self, step: int) -> dict[str, float]:
         config, method, model = self.config, self.method, self.model
         needs = method.needs
         # 1. Rollouts: B tasks drawn from (seed, step) only, so a resumed run draws the same ones; this rank plays
@@ -285,11 +319,12 @@ class Trainer:
         tasks = [self.train_tasks[i] for i in rng.choice(len(self.train_tasks), config.tasks_per_step, replace=False)]
         block = self.dp.group_block(len(tasks))
         sampling = self.policy.sampling(config.temperature, config.top_p, config.max_new_tokens)
-        rollout = collect_rollouts(
-            self.train_runner, self.policy, tasks[block.start : block.stop], config.group_size, sampling=sampling,
-            seed=config.seed, step=step, history_turns=config.history_turns, with_teacher=needs.teacher is not None,
-            first_group=block.start,
-        )
+        with torch_threads(self.rollout_threads):
+            rollout = collect_rollouts(
+                self.train_runner, self.policy, tasks[block.start : block.stop], config.group_size, sampling=sampling,
+                seed=config.seed, step=step, history_turns=config.history_turns, with_teacher=needs.teacher is not None,
+                first_group=block.start, waves=config.rollout_waves,
+            )
         if self.vllm is not None:
             self.vllm.sleep()  # frees the accelerator for the update when sleep mode is on; a no-op otherwise
         # 2. Returns and GRPO advantages, per episode, then broadcast to every turn of the episode.
@@ -303,12 +338,15 @@ class Trainer:
         prompts = [r.prompt_ids for r in rollout.rows]
         responses = [r.response_ids for r in rollout.rows]
 
-        # 3. Scores of θ_old, the teacher and the reference, all by response_logprobs in row order and micro-batches
-        #    of micro_batch_rows, so Δ = lp_T - lp_old subtracts numbers made the same way.
+        # 3. Scores of θ_old, the teacher and the reference, all by response_logprobs in micro-batches of
+        #    micro_batch_rows, so Δ = lp_T - lp_old subtracts numbers made the same way (or θ_old's from the sampler).
         tick = time.perf_counter()
         model.eval()
         with torch.no_grad():
-            old_logp, mask = response_logprobs(model, prompts, responses, pad_token_id=self.pad_id, micro_batch=config.micro_batch_rows)
+            if config.old_logprobs == "rollout":
+                old_logp, mask = tensors.sampler_logp, tensors.response_mask
+            else:
+                old_logp, mask = response_logprobs(model, prompts, responses, pad_token_id=self.pad_id, micro_batch=config.micro_batch_rows)
             teacher_logp = None
             if needs.teacher is not None:
                 teacher = {"old": model, "ref": self.reference, "ema": self.ema}[needs.teacher]
@@ -341,13 +379,19 @@ class Trainer:
                 update_ctx = ctx.with_tokens(n_update)
                 self.optimizer.zero_grad(set_to_none=True)
                 parts, losses = [], []
-                micro_starts = range(start, stop, config.micro_batch_rows)
-                for begin in micro_starts:
-                    rows = slice(begin, min(begin + config.micro_batch_rows, stop))
+                # Micro-batches of rows of similar lengths (less padding); the token mean's denominator is the
+                # mini-batch's, so the loss does not depend on how its rows are grouped.
+                micro_batches = micro_batch_order(
+                    [len(p) for p in prompts[start:stop]], [len(r) for r in responses[start:stop]],
+                    config.micro_batch_rows,
+                )
+                for number, chunk in enumerate(micro_batches):
+                    rows = torch.tensor([start + i for i in chunk])
                     # Gradients accumulate locally over a rank's micro-batches; the last one synchronises the ranks.
-                    with self._no_sync(last=begin == micro_starts[-1]):
+                    with self._no_sync(last=number == len(micro_batches) - 1):
                         scored = response_logprobs(
-                            self.train_model, prompts[rows], responses[rows], pad_token_id=self.pad_id,
+                            self.train_model, [prompts[i] for i in rows.tolist()],
+                            [responses[i] for i in rows.tolist()], pad_token_id=self.pad_id,
                             return_logits=needs.logits,
                         )
                         micro = full.select(rows)
@@ -438,10 +482,12 @@ class Trainer:
 
             env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns, "split": config.eval_split}
             self._eval_runner = GroupRunner(config.env_id, env_kwargs, config.num_workers, **self._pool_options())
-        records = evaluate_episodes(
-            self._eval_runner, self.policy, self.eval_tasks, temperature=config.eval_temperature, seed=config.seed,
-            max_new_tokens=config.max_new_tokens, history_turns=config.history_turns,
-        )
+        with torch_threads(self.rollout_threads):
+            records = evaluate_episodes(
+                self._eval_runner, self.policy, self.eval_tasks, temperature=config.eval_temperature, seed=config.seed,
+                max_new_tokens=config.max_new_tokens, history_turns=config.history_turns, waves=config.rollout_waves,
+                progress=self.progress,
+            )
         for record in records:
             record["return"] = episode_return(float(record["won"]), record["invalid_actions"], config.success_reward, config.invalid_penalty)
         # What the result row needs to know about the environment (version, data hash, privileged keys) is in any
@@ -521,6 +567,17 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the duration, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     clone = copy.deepcopy(model)
     clone.eval()

@@ -36,7 +36,7 @@ Design notes.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,7 +227,9 @@ class GroupRunner:
         self.group_ids = [first_group + b for b in range(len(task_ids)) for _ in range(group_size)]
         self.histories = [[] for _ in range(self.num_slots)]
         self.active = [True] * self.num_slots
-        self._worker_of = [slot % self.num_workers for slot in range(self.num_slots)]
+        # Contiguous blocks of slots per worker: the siblings of a group share a worker, which then loads their game
+        # once (envs memoise what a reload of the same game needs); any assignment gives the same episodes.
+        self._worker_of = [slot * self.num_workers // self.num_slots for slot in range(self.num_slots)]
         self._needs_reset = True
         self._strikes.clear()
 
@@ -261,14 +263,30 @@ class GroupRunner:
                 )
             if action is not None and not isinstance(action, str):
                 raise TypeError(f"slot {slot}: action must be a str, got {type(action).__name__}: {action!r:.80}")
-        playing = [slot for slot in range(self.num_slots) if self.active[slot]]
+        playing = {slot: actions[slot] for slot in range(self.num_slots) if self.active[slot]}
+        results = self.step_slots(playing)  # type: ignore[arg-type]
+        return [results.get(slot) for slot in range(self.num_slots)]
+
+    def step_slots(self, actions: Mapping[int, str]) -> dict[int, SlotStep]:
+        """Step only the given slots (each still playing) with their actions; the other slots wait. Returns their
+        steps by slot. A caller can step waves of slots in turn, e.g. one wave while it samples the next's replies."""
+        if self._needs_reset:
+            raise RuntimeError("call reset() first (never called, or the last call raised an environment error)")
+        for slot, action in actions.items():
+            if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
+                raise ValueError(f"slot {slot!r} is not one of this runner's {self.num_slots} slots")
+            if not self.active[slot]:
+                raise ValueError(f"slot {slot} (task {self.task_ids[slot]!r}) has finished; it cannot step again")
+            if not isinstance(action, str):
+                raise TypeError(f"slot {slot}: action must be a str, got {type(action).__name__}: {action!r:.80}")
+        playing = sorted(actions)
         requests = {
             worker: ("step", [(slot, actions[slot]) for slot in slots])
             for worker, slots in self._slots_by_worker(playing).items()
         }
         results = self._call(requests)
         self.stats.env_steps += len(playing)
-        steps: list[SlotStep | None] = [None] * self.num_slots
+        steps: dict[int, SlotStep] = {}
         for slot in playing:
             obs, reward, terminated, truncated, info = results[slot]
             steps[slot] = SlotStep(obs, reward, terminated, truncated, info)

@@ -3,6 +3,8 @@ reproducibility (also across worker counts), padded tensors, and teacher scoring
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from fake_envs import COUNTER_ENV_ID
@@ -118,6 +120,41 @@ def test_seeded_rollouts_reproduce_exactly_and_ignore_worker_count(runner, lm_po
     for episode in first.episodes:
         assert episode.won or episode.n_steps == MAX_STEPS
         assert episode.n_invalid == sum(not r.action_valid for r in first.rows if r.episode_id == episode.episode_id)
+
+
+def test_waves_overlapping_env_and_generation_play_the_same_episodes(lm_policy):
+    # Two waves take turns at the env workers: every reply keeps its (seed, step, slot, turn) seed, so the rows equal
+    # the one-wave rollout's (this model's samples are far from float-rounding ties); rows stay in episode order.
+    sampling = lm_policy.sampling(temperature=1.0, max_new_tokens=6)
+    tasks = ["count-3-0", "count-4-1", "count-5-2"]
+    with GroupRunner(COUNTER_ENV_ID, num_workers=2) as two_workers:
+        one = collect_rollouts(two_workers, lm_policy, tasks, 3, sampling=sampling, seed=4, step=1)
+        finished: list[int] = []
+        two = collect_rollouts(two_workers, lm_policy, tasks, 3, sampling=sampling, seed=4, step=1, waves=2,
+                               progress=finished.append)
+        three = collect_rollouts(two_workers, lm_policy, tasks, 3, sampling=sampling, seed=4, step=1, waves=3)
+    for other in (two, three):
+        assert other.episodes == one.episodes
+        assert [replace(r, logprobs=None) for r in other.rows] == [replace(r, logprobs=None) for r in one.rows]
+        # The sampler's log-probs of a row differ only by float rounding of a differently composed batch.
+        for row, reference in zip(other.rows, one.rows):
+            assert row.logprobs == pytest.approx(reference.logprobs, abs=1e-5)
+    assert sum(finished) == 9
+    assert [(r.episode_id, r.turn_idx) for r in two.rows] == sorted((r.episode_id, r.turn_idx) for r in two.rows)
+    with pytest.raises(ValueError, match="waves"):
+        collect_rollouts(two_workers, lm_policy, tasks, 1, sampling=sampling, seed=0, waves=0)
+
+
+def test_step_slots_steps_only_the_given_slots():
+    with GroupRunner(COUNTER_ENV_ID, num_workers=2) as group_runner:
+        group_runner.reset(["count-3-0", "count-4-1"], 2, seed=0)
+        first = group_runner.step_slots({0: "add 1", 3: "add 2"})
+        assert sorted(first) == [0, 3]
+        assert group_runner.histories == [["add 1"], [], [], ["add 2"]]
+        with pytest.raises(ValueError, match="slot 7"):
+            group_runner.step_slots({7: "add 1"})
+        with pytest.raises(TypeError, match="slot 1"):
+            group_runner.step_slots({1: None})
 
 
 def test_malformed_chat_replies_are_invalid_actions_even_when_they_name_one(runner):

@@ -297,3 +297,35 @@ def test_the_methods_teacher_option_chooses_the_teacher_weights(teacher, model_d
     for name, other in scores.items():
         if name != teacher:
             assert (seen["teacher_logp"] - other)[mask].abs().max() > 1e-3, f"{teacher} teacher looks like {name}"
+
+
+def test_fast_step_options_give_the_same_training_up_to_float_rounding(model_dir, tmp_path):
+    # θ_old from the sampler's own log-probs, two rollout waves and explicit thread counts change how the step is
+    # computed, not what it computes: the same episodes, and losses equal up to float rounding.
+    def metrics(name: str, **overrides) -> pd.DataFrame:
+        config = small_config(model_dir, method="craft", method_options={"alpha": 0.01}, steps=2, temperature=1.0,
+                              num_workers=2, **overrides)
+        trainer = Trainer(config, tmp_path / name, progress=False)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        return numeric_metrics(tmp_path / name / METRICS_FILE)
+
+    slow = metrics("slow")
+    fast = metrics("fast", old_logprobs="rollout", rollout_waves=2, torch_threads=1, rollout_threads=1)
+    assert list(fast.columns) == list(slow.columns)
+    for column in ("env/success", "env/invalid_rate", "env/steps_mean", "rollout/rows", "rollout/tokens"):
+        assert fast[column].tolist() == slow[column].tolist(), column
+    for column in ("loss/total", "loss/pg", "loss/distill", "optim/grad_norm"):
+        assert fast[column].tolist() == pytest.approx(slow[column].tolist(), rel=1e-4, abs=1e-6), column
+    assert (fast["rollout/sampler_logp_gap"] == 0).all()
+
+
+def test_old_logprobs_from_the_rollout_need_the_sampler_to_be_the_policy():
+    with pytest.raises(ValueError, match="old_logprobs='rollout' needs engine='hf', temperature=1"):
+        TrainConfig(old_logprobs="rollout", temperature=0.7)
+    with pytest.raises(ValueError, match="rollout_waves must be >= 1"):
+        TrainConfig(rollout_waves=0)
+    with pytest.raises(ValueError, match="old_logprobs must be"):
+        TrainConfig(old_logprobs="cached")

@@ -41,9 +41,15 @@ RUNS: dict[str, tuple[str, dict]] = {
 
 #: Teacher log-probs now come from the same scoring function as θ_old's (issue 9, point 2); before, they came from
 #: the engine's length-sorted batches with their own padding. A different padding changes float rounding of the
-#: forward pass (about 1e-7 relative in float32), and nothing else: grpo, which scores no teacher, is pinned exactly.
+#: forward pass (about 1e-7 relative in float32), and nothing else.
 TEACHER_RTOL = 1e-4
 TEACHER_ATOL = 1e-5
+
+#: Scoring and update micro-batches group rows of similar lengths (issue 10), so each forward pass pads differently
+#: from the recorded code's: float rounding moves (7e-7 relative in loss/pg at step 0), nothing else. grpo, which
+#: scores no teacher, is pinned to that rounding; its counts and episode outcomes stay exact.
+GRPO_RTOL = 1e-5
+GRPO_ATOL = 1e-7
 
 #: Columns now computed in float64 from Python numbers by `episodes.summarize` (the one home of episode
 #: summaries) instead of a float32 tensor mean: -0.3 instead of -0.30000001192092896.
@@ -93,7 +99,9 @@ def test_three_step_metrics_equal_the_recorded_ones(name, tmp_path):
             elif key in FLOAT64_NOW:
                 assert actual == pytest.approx(value, rel=FLOAT64_NOW[key]), (step, key)
             elif exact:
-                assert actual == value, (step, key, actual, value)
+                assert actual == pytest.approx(value, rel=GRPO_RTOL, abs=GRPO_ATOL), (step, key, actual, value)
+                if key.startswith(("env/", "rollout/rows", "rollout/tokens")):
+                    assert actual == value, (step, key, actual, value)
             else:
                 assert actual == pytest.approx(value, rel=TEACHER_RTOL, abs=TEACHER_ATOL), (step, key)
 

@@ -23,6 +23,9 @@ import contextlib
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -250,7 +253,45 @@ def craft_single_turn(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+AGAINST_COLUMNS = ("generation", "env", "scoring (θ_old + teacher + ref)", "update", "whole step")
+
+
+def time_revision(revision: str, common: list[str]) -> dict[str, float]:
+    """Seconds per phase of the same benchmark run by the code of git revision `revision` (extracted with `git
+    archive` into a temporary directory, imported from there in a subprocess); the values of its phase table."""
+    root = Path(__file__).resolve().parents[2]
+    with tempfile.TemporaryDirectory() as tmp:
+        source, shim = Path(tmp) / "source", Path(tmp) / "shim"
+        source.mkdir()
+        archive = subprocess.run(["git", "-C", str(root), "archive", revision], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        # The installed layout (pyproject's package-dir): craft_bench/ with agents/ and envs/ inside it.
+        package = shim / "craft_bench"
+        package.mkdir(parents=True)
+        for entry in (source / "craft_bench").iterdir():
+            (package / entry.name).symlink_to(entry)
+        for name in ("agents", "envs"):
+            (package / name).symlink_to(source / name)
+        environment = {**os.environ, "PYTHONPATH": str(shim)}
+        done = subprocess.run([sys.executable, "-m", "craft_bench.bench", "train", "--no-trl", *common], cwd=shim,
+                              env=environment, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the benchmark at {revision} failed:\n{done.stderr[-3000:]}")
+    phases = {}
+    for line in done.stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0] in AGAINST_COLUMNS:
+            try:
+                phases[cells[0]] = float(cells[1])
+            except ValueError:
+                continue
+    return phases
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    defaults = preset_values("cpu", "grpo")
+    defaults = {name: defaults.get(name, getattr(TrainConfig, name, None)) for name in
+                ("num_workers", "torch_threads", "rollout_threads", "rollout_waves", "old_logprobs")}
     parser = argparse.ArgumentParser(prog="python -m craft_bench.bench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny (built with --budget) | a local path or hub id")
@@ -263,12 +304,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-turns", type=int, default=15)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--micro-batch-rows", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=1, help="environment worker processes (0: in process)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--workers", type=int, default=defaults["num_workers"],
+                        help="environment worker processes (0: in process)")
+    parser.add_argument("--threads", type=int, default=defaults["torch_threads"],
+                        help="torch threads of scoring and the update")
+    parser.add_argument("--rollout-threads", type=int, default=defaults["rollout_threads"],
+                        help="torch threads while rollouts play")
+    parser.add_argument("--waves", type=int, default=defaults["rollout_waves"],
+                        help="rollout waves (2: env steps of one wave overlap the next wave's generation)")
+    parser.add_argument("--old-logprobs", choices=("rescore", "rollout"), default=defaults["old_logprobs"],
+                        help="θ_old's log-probs: scored again, or the sampler's own")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    parser.add_argument("--against", metavar="REV", action="append", default=[],
+                        help="also time the same step with the code of git revision REV (e.g. a commit before a "
+                             "speed-up), in a subprocess of this run; repeatable")
+    parser.add_argument("--against-threads", type=int, default=1, help="torch threads of the --against runs")
+    parser.add_argument("--against-workers", type=int, default=1, help="env workers of the --against runs")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     values = preset_values("cpu", args.method)
     config = TrainConfig(
@@ -276,18 +331,40 @@ def main(argv: Sequence[str] | None = None) -> None:
         env_kwargs=json.loads(args.env_kwargs), model=args.model, tiny_budget=args.budget, seed=args.seed, steps=2,
         tasks_per_step=args.tasks, group_size=args.group_size, max_turns=args.max_turns,
         max_new_tokens=args.max_new_tokens, micro_batch_rows=args.micro_batch_rows, num_workers=args.workers,
-        eval_episodes=1, checkpoint_every=1000,
+        eval_episodes=1, checkpoint_every=1000, torch_threads=args.threads, rollout_threads=args.rollout_threads,
+        rollout_waves=args.waves, old_logprobs=args.old_logprobs,
     )
+    against = {}
+    common = ["--model", args.model, "--budget", args.budget, "--env", args.env, "--env-kwargs", args.env_kwargs,
+              "--method", args.method, "--tasks", str(args.tasks), "--group-size", str(args.group_size),
+              "--max-turns", str(args.max_turns), "--max-new-tokens", str(args.max_new_tokens),
+              "--micro-batch-rows", str(args.micro_batch_rows), "--seed", str(args.seed),
+              "--threads", str(args.against_threads), "--workers", str(args.against_workers)]
+    for revision in args.against:
+        against[revision] = time_revision(revision, common)
     with tempfile.TemporaryDirectory() as tmp:
         row, counts, limits, trainer = timed_step(config, Path(tmp) / "step")
         model_path = str(getattr(trainer.model, "name_or_path", "") or args.model)
         print(f"model: {model_path} ({sum(p.numel() for p in trainer.model.parameters()):,} parameters); "
               f"env: {args.env}; method: {args.method} {json.dumps(config.method_options)}; B={args.tasks} "
               f"G={args.group_size} turns<={args.max_turns} max_new_tokens={args.max_new_tokens}; "
-              f"torch threads {args.threads}, env workers {args.workers}")
+              f"torch threads {args.threads} (rollouts {args.rollout_threads}), env workers {args.workers}, "
+              f"rollout waves {args.waves}, old log-probs {args.old_logprobs}")
         print(f"timed step: {int(row['rollout/rows'])} rows, {counts.generate_new} generated tokens\n")
         print("\n".join(phase_table(row, counts, limits)))
         print()
+        if against:
+            print(f"the same step with older code (torch threads {args.against_threads}, env workers "
+                  f"{args.against_workers}; each run's own warm-up and timed step, in this run):")
+            print("| code | generation | env | scoring | update | whole step | this code's speed-up |")
+            print("|---|---|---|---|---|---|---|")
+            step_s = float(row["time/step_s"])
+            for revision, phases in against.items():
+                print(f"| {revision} | " + " | ".join(f"{phases.get(label, math.nan):.3f}" for label in AGAINST_COLUMNS)
+                      + f" | {phases.get('whole step', math.nan) / step_s:.2f}x |")
+            print(f"| this code | " + " | ".join(f"{float(row[c]):.3f}" for c in
+                  ("time/generate_s", "time/env_s", "time/score_s", "time/update_s", "time/step_s")) + " | 1.00x |")
+            print()
         if args.no_trl:
             print("TRL comparison: skipped (--no-trl)")
             return
