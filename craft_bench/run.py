@@ -392,8 +392,17 @@ def _evaluate_base(config: TrainConfig, run_dir: Path, *, finished_ok: bool, ove
 
     result = run_dir / RESULT_FILE
     if result.is_file() and finished_ok and not overwrite:
+        row = validate_csv(result).to_dict("records")[0]
+        # The directory name cannot hold the weights' hash (known only once loaded): a model rebuilt or replaced
+        # under the same name must not inherit the old row.
+        current = _initial_weights_sha256(config, progress=progress)
+        if row["policy_sha256"] != current:
+            raise SystemExit(
+                f"error: {result} was measured on initial weights {row['policy_sha256'][:12]}, but --model "
+                f"{config.model} now loads weights {current[:12]}; pass --overwrite to evaluate the new ones"
+            )
         print(f"{run_dir}: the untrained model is already evaluated ({RESULT_FILE}); nothing to do", file=sys.stderr)
-        return validate_csv(result).to_dict("records")[0]
+        return row
     _check_fresh_or_resumed(run_dir, resume=finished_ok, overwrite=overwrite)
     trainer = _start_trainer(replace(config, method=BASE_STAND_IN, method_options={}), run_dir, progress=progress)
     try:
@@ -402,6 +411,21 @@ def _evaluate_base(config: TrainConfig, run_dir: Path, *, finished_ok: bool, ove
         return _evaluate_into(config, trainer, run_dir / EVAL_FILE, result, policy_sha256)
     finally:
         trainer.close()
+
+
+def _initial_weights_sha256(config: TrainConfig, *, progress: bool) -> str:
+    """The hash of the weights `config.model` loads now (as Trainer loads them), without starting a Trainer."""
+    from craft_bench.agents.policy import Policy
+    from craft_bench.leaderboard.identity import weights_sha256
+
+    tiny_options = ({"env_id": config.env_id, "env_kwargs": config.env_kwargs, "budget": config.tiny_budget,
+                     "progress": progress} if config.model == "tiny" else None)
+    try:
+        policy = Policy.from_pretrained(config.model, device=config.device, tiny_options=tiny_options)
+    except (OSError, ValueError, ImportError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SystemExit(f"error: could not load --model {config.model}: {first}") from None
+    return weights_sha256(policy.engine.model.state_dict())  # type: ignore[attr-defined]
 
 
 def _weights_sha256(trainer: Trainer) -> str:

@@ -128,3 +128,21 @@ def test_the_run_directory_id_is_the_leaderboard_entry_id(base_and_grpo):
         recorded = json.loads((run_dir / CONFIG_FILE).read_text())["run_id"]
         assert run_dir.name.split("__")[3] == recorded == config_id(row["method_config"]) == run_id(config)
         assert config_id(row["method_config"]) in entry_name(row)
+
+
+def test_resume_of_a_base_run_refuses_a_model_whose_weights_changed(model_dir, tmp_path):
+    import shutil
+
+    from test_engine import random_llama
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    argv = small_args(model, tmp_path / "runs", "--method", "base")
+    assert run_main(argv) == 0
+    # The same name, other weights: a rebuilt model.
+    random_llama(len(AutoTokenizer.from_pretrained(model)), seed=1).save_pretrained(model)
+    message = refused([*argv, "--resume"])
+    assert "was measured on initial weights" in message and "--overwrite" in message
+    assert run_main([*argv, "--overwrite"]) == 0
+    assert run_main([*argv, "--resume"]) == 0
