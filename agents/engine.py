@@ -301,7 +301,7 @@ def left_pad(
 
 def right_pad(
     sequences: Sequence[Sequence[int]],
-    pad_value: float | int,
+    pad_value: float,
     device: torch.device | str = "cpu",
     width: int | None = None,
     dtype: torch.dtype = torch.long,

@@ -18,8 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from craft_bench.agents.engine import HFEngine, SamplingParams, response_logprobs, right_pad
+from craft_bench.agents.engine import (
+    HFEngine,
+    SamplingParams,
+    response_logprobs,
+    right_pad,
+)
 from craft_bench.agents.episodes import summarize
 from craft_bench.agents.policy import Policy
 from craft_bench.agents.prompts import PromptConfig
@@ -65,6 +69,8 @@ class Episode:
     n_invalid: int = 0
     env_return: float = 0.0
     """The sum of the environment's rewards (1 on the winning step)."""
+    final_info: dict[str, Any] = field(default_factory=dict)
+    """Outcome keys of the last info (`dataset`, `task_score`), copied into evaluation records."""
 
 
 @dataclass
@@ -122,6 +128,10 @@ class RolloutBatch:
             episode_id=torch.tensor([r.episode_id for r in self.rows], dtype=torch.long, device=device),
             turn_idx=torch.tensor([r.turn_idx for r in self.rows], dtype=torch.long, device=device),
         )
+
+
+#: Keys of an episode's last info that evaluation records carry: Search-QA's per-question dataset, WebShop's score.
+OUTCOME_KEYS = ("dataset", "task_score")
 
 
 def reset_seed(seed: int, step: int) -> int:
@@ -233,6 +243,7 @@ def collect_rollouts(
             episode.env_return += float(result.reward)
             episode.won = bool(info["won"])
             episode.progress = float(info["progress"])
+            episode.final_info = {key: info[key] for key in OUTCOME_KEYS if key in info}
             histories[slot].append((observations[slot], " ".join(act.env_action.split())))
             observations[slot], infos[slot] = result.obs, info
             active[slot] = not (result.terminated or result.truncated)
@@ -327,7 +338,7 @@ def evaluate_episodes(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Play each task once at `temperature` (0 = greedy) and return one record per episode, in task order:
-    task_id, task_type, won, progress, steps, invalid_actions, env_return. `act_on="teacher"` evaluates the policy
+    task_id, task_type, won, progress, steps, invalid_actions, env_return, and dataset / task_score when the env reports them. `act_on="teacher"` evaluates the policy
     on its privileged prompts instead (the teacher's success). `waves` as in `collect_rollouts`; `progress` shows a
     bar of finished episodes."""
     bar = None
@@ -361,6 +372,7 @@ def evaluate_episodes(
             "steps": e.n_steps,
             "invalid_actions": e.n_invalid,
             "env_return": e.env_return,
+            **e.final_info,
         }
         for e in batch.episodes
     ]

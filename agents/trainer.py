@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from craft_bench.agents import checkpoint as ckpt
 from craft_bench.agents import losses as L
 from craft_bench.agents import run_files
@@ -39,7 +38,12 @@ from craft_bench.agents.engine import micro_batch_order, response_logprobs
 from craft_bench.agents.episodes import episode_return, summarize
 from craft_bench.agents.methods import Method, combine_metrics, make_method
 from craft_bench.agents.policy import Policy, pad_token_id
-from craft_bench.agents.rollout import collect_rollouts, evaluate_episodes, evaluation_task_ids, score_teacher
+from craft_bench.agents.rollout import (
+    collect_rollouts,
+    evaluate_episodes,
+    evaluation_task_ids,
+    score_teacher,
+)
 from craft_bench.envs.tasks import split_task_ids
 
 CHECKPOINT_FILE = "checkpoint.pt"

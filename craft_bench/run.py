@@ -23,19 +23,25 @@ import json
 import math
 import platform
 import re
+import shutil
 import sys
 import time
-import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from craft_bench.agents.checkpoint import CheckpointError, NonFiniteError, digest_path, load_checkpoint
+from craft_bench.agents.checkpoint import (
+    CheckpointError,
+    NonFiniteError,
+    digest_path,
+    load_checkpoint,
+)
 from craft_bench.agents.distributed import DataParallel
 from craft_bench.agents.methods import METHOD_NAMES, make_method
 from craft_bench.agents.policy import count_parameters
+from craft_bench.agents.presets import PRESET_NAMES, preset_values
 from craft_bench.agents.run_files import (
     ConfigError,
     RunLock,
@@ -46,8 +52,15 @@ from craft_bench.agents.run_files import (
     write_json_atomic,
     write_text_atomic,
 )
-from craft_bench.agents.presets import PRESET_NAMES, preset_values
-from craft_bench.agents.trainer import CHECKPOINT_FILE, CONFIG_FILE, EVAL_FILE, FINAL_MODEL_DIR, METRICS_FILE, TrainConfig, Trainer
+from craft_bench.agents.trainer import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    EVAL_FILE,
+    FINAL_MODEL_DIR,
+    METRICS_FILE,
+    TrainConfig,
+    Trainer,
+)
 from craft_bench.leaderboard.schema import BASE_METHOD
 
 RESULT_FILE = "result.csv"
@@ -62,9 +75,6 @@ RUN_METHODS: tuple[str, ...] = (BASE_METHOD, *METHOD_NAMES)
 #: The method a `base` evaluation builds its Trainer with: its options are {}, so it holds no teacher or reference
 #: copy; it never trains, so the method never acts. (Trainer has no evaluation-only mode to ask for instead.)
 BASE_STAND_IN = "grpo"
-#: Episode info keys copied into eval.csv when the environment reports them: Search-QA's source dataset and
-#: WebShop's graded purchase score.
-EPISODE_INFO_KEYS = ("dataset", "task_score")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -468,34 +478,12 @@ def _evaluate_into(config: TrainConfig, trainer: Trainer, eval_path: Path, resul
     from craft_bench.leaderboard import make_result_row, write_result_csv
 
     tick = time.perf_counter()
-    records = with_episode_info(trainer.evaluate(), _terminal_infos(trainer))
+    records = trainer.evaluate()  # with each episode's dataset / task_score where the env reports them
     eval_s = time.perf_counter() - tick
     write_text_atomic(eval_path, pd.DataFrame(records).to_csv(index=False))
     row = make_result_row(**_result_fields(config, trainer, records, eval_s), policy_sha256=policy_sha256 or "unknown")
     write_result_csv(result_path, [row])
     return row
-
-
-def _terminal_infos(trainer: Trainer) -> list[dict[str, Any]]:
-    """The last info of every episode of the evaluation just played: the evaluation runner keeps each finished
-    slot's terminal info. (Read here because agents/rollout.evaluate_episodes does not copy info keys into its
-    records; `with_episode_info` prefers keys a record already has.)"""
-    runner = getattr(trainer, "_eval_runner", None)
-    return [info for info in getattr(runner, "last_infos", None) or [] if isinstance(info, dict)]
-
-
-def with_episode_info(records: list[dict[str, Any]], infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`records` (one per evaluation episode) with the EPISODE_INFO_KEYS (dataset, task_score) that their episode's
-    terminal info reports, matched by task_id; a key the record already holds is kept as it is. Records whose task
-    has no info (or whose info lacks the key) get nothing, never a value of another episode."""
-    by_task: dict[str, dict[str, Any]] = {}
-    for info in infos:
-        by_task.setdefault(str(info.get("task_id")), info)
-    out = []
-    for record in records:
-        info = by_task.get(str(record["task_id"]), {})
-        out.append({**record, **{k: info[k] for k in EPISODE_INFO_KEYS if k in info and k not in record}})
-    return out
 
 
 def _result_fields(config: TrainConfig, trainer: Trainer, records: list[dict[str, Any]], eval_s: float) -> dict[str, Any]:

@@ -42,10 +42,18 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-
 from craft_bench.envs.worker_pool import (  # noqa: F401  (re-exported: the runner's public names)
-    DEFAULT_TIMEOUT_S, MAX_CONSECUTIVE_RESTARTS, ON_TIMEOUT_CHOICES, STARTUP_TIMEOUT_S, InProcessPool,
-    LocalProcessPool, Reply, Request, WorkerLost, WorkerPool, request_calls,
+    DEFAULT_TIMEOUT_S,
+    MAX_CONSECUTIVE_RESTARTS,
+    ON_TIMEOUT_CHOICES,
+    STARTUP_TIMEOUT_S,
+    InProcessPool,
+    LocalProcessPool,
+    Reply,
+    Request,
+    WorkerLost,
+    WorkerPool,
+    request_calls,
 )
 
 

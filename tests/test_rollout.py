@@ -7,17 +7,20 @@ from dataclasses import replace
 
 import pytest
 import torch
+from craft_bench.agents.engine import HFEngine, response_logprobs
+from craft_bench.agents.episodes import episode_return
+from craft_bench.agents.policy import Policy
+from craft_bench.agents.prompts import format_prompt
+from craft_bench.agents.rollout import (
+    collect_rollouts,
+    evaluate_episodes,
+    sample_seed,
+    score_teacher,
+)
+from craft_bench.envs.group_runner import GroupRunner
 from fake_envs import COUNTER_ENV_ID
 from test_engine import build_tokenizer, random_llama
 from test_policy import ScriptedEngine
-
-from craft_bench.agents.engine import HFEngine
-from craft_bench.agents.policy import Policy
-from craft_bench.agents.prompts import format_prompt, student_text
-from craft_bench.agents.engine import response_logprobs
-from craft_bench.agents.episodes import episode_return
-from craft_bench.agents.rollout import collect_rollouts, evaluate_episodes, sample_seed, score_teacher
-from craft_bench.envs.group_runner import GroupRunner
 
 MAX_STEPS = 8  # the fake env's default
 
@@ -202,6 +205,17 @@ def test_evaluation_records_one_episode_per_task(runner, tokenizer):
         ("count-3-0", True, 1, 0), ("count-4-1", True, 2, 0)
     ]
     assert records[0]["task_type"] == "count" and records[1]["progress"] == 1.0
+
+
+def test_evaluation_records_carry_the_dataset_and_score_of_their_episodes_last_info(tokenizer, monkeypatch):
+    from fake_envs import CounterEnv
+
+    # Search-QA reports a dataset per question, WebShop a purchase score: each record carries its own episode's.
+    monkeypatch.setattr(CounterEnv, "_extra_info", lambda self: {"dataset": f"d{self._target}", "task_score": 0.25})
+    policy = scripted_policy(tokenizer, [" add 3\n", " add 2\n", " add 2\n"])
+    with GroupRunner(COUNTER_ENV_ID, num_workers=0) as in_process:
+        records = evaluate_episodes(in_process, policy, ["count-3-0", "count-4-1"], temperature=0.0)
+    assert [(r["dataset"], r["task_score"]) for r in records] == [("d3", 0.25), ("d4", 0.25)]
 
 
 def test_sample_seeds_are_distinct_per_step_slot_and_turn():

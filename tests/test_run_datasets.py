@@ -10,16 +10,25 @@ from typing import Any
 import gymnasium as gym
 import pandas as pd
 import pytest
+from craft_bench.agents.trainer import EVAL_FILE
 from fake_envs import CounterEnv
 from test_leaderboard import _row
 from test_run_cli import small_args
 
-from craft_bench.agents.trainer import EVAL_FILE
-from craft_bench.leaderboard import LeaderboardValidationError, validate_rows, write_result_csv
+from craft_bench.leaderboard import (
+    LeaderboardValidationError,
+    validate_rows,
+    write_result_csv,
+)
 from craft_bench.leaderboard.build import build, summarise
-from craft_bench.leaderboard.schema import NOT_APPLICABLE, macro_average, per_dataset_success, read_table
+from craft_bench.leaderboard.schema import (
+    NOT_APPLICABLE,
+    macro_average,
+    per_dataset_success,
+    read_table,
+)
 from craft_bench.leaderboard.store import load_submissions, submit
-from craft_bench.run import RESULT_FILE, build_configs, parse_args, run_name, with_episode_info
+from craft_bench.run import RESULT_FILE, build_configs, parse_args, run_name
 from craft_bench.run import main as run_main
 
 DATASET_ENV_ID = "craft_test/DatasetCounter-v0"
@@ -47,17 +56,6 @@ def test_per_dataset_success_and_its_macro_average_on_a_hand_computed_case():
     assert macro_average(per_dataset) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="record 2: needs 'dataset'"):
         per_dataset_success([{"dataset": "nq", "won": True}, {"won": True}])
-
-
-def test_episode_info_is_matched_by_task_and_never_taken_from_another_episode():
-    records = [{"task_id": "a", "won": True}, {"task_id": "b", "won": False, "dataset": "kept"},
-               {"task_id": "c", "won": False}]
-    infos = [{"task_id": "b", "dataset": "other", "task_score": 0.5}, {"task_id": "a", "dataset": "nq"}]
-    assert with_episode_info(records, infos) == [
-        {"task_id": "a", "won": True, "dataset": "nq"},
-        {"task_id": "b", "won": False, "dataset": "kept", "task_score": 0.5},
-        {"task_id": "c", "won": False},
-    ]
 
 
 def test_per_dataset_cells_are_NA_or_a_nonempty_object_of_rates_and_counts():

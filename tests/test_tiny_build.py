@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from craft_bench.agents.prompts import format_prompt
 from craft_bench.agents.tiny.__main__ import main as tiny_cli
 from craft_bench.agents.tiny.evaluate import evaluate_success
 from craft_bench.agents.tiny.tokenizer import newline_token_id
+from craft_bench.envs.cache import CorruptCacheError
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -242,3 +244,37 @@ def test_a_corrupt_cached_model_is_rebuilt_with_a_warning(tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="corrupt"):
         again = tiny.tiny_model_path(PICK_PLACE_ENV_ID, seed=0, budget="test", progress=False, workers=0)
     assert again == path and weights_sha256(again) == before
+
+
+def test_a_shipped_model_is_used_when_its_pin_matches_and_never_silently_rebuilt(built, tmp_path, monkeypatch):
+    home, path = built
+    monkeypatch.setenv("CRAFT_BENCH_HOME", str(home))
+    shipped = tmp_path / "shipped"
+    entry = shipped / path.parent.name / path.name
+    shutil.copytree(path, entry)
+    pins = shipped / "pins.json"
+    monkeypatch.setattr(build_module, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(build_module, "SHIPPED_PINS", pins)
+    monkeypatch.setattr(build_module, "build_tiny_model", lambda *a, **k: pytest.fail("built instead of shipped"))
+    # Without a pin for this key, the cache's model is used.
+    assert tiny.tiny_model_path(PICK_PLACE_ENV_ID, seed=0, budget="test", progress=False) == path
+    pins.write_text(json.dumps({f"{path.parent.name}/{path.name}": weights_sha256(path)}))
+    assert tiny.tiny_model_path(PICK_PLACE_ENV_ID, seed=0, budget="test", progress=False) == entry
+    # shipped=False (`--rebuild`) is the cache's own model.
+    assert tiny.tiny_model_path(PICK_PLACE_ENV_ID, seed=0, budget="test", progress=False, shipped=False) == path
+    # Weights that are not the pinned ones are an error naming the fix, not a rebuild.
+    pins.write_text(json.dumps({f"{path.parent.name}/{path.name}": "0" * 64}))
+    with pytest.raises(CorruptCacheError, match="shipped with craft-bench .* is damaged: model.safetensors has sha256"):
+        tiny.tiny_model_path(PICK_PLACE_ENV_ID, seed=0, budget="test", progress=False)
+    pins.write_text(json.dumps({f"{path.parent.name}/{path.name}": weights_sha256(path)}))
+    (entry / "config.json").write_text("{}")
+    with pytest.raises(CorruptCacheError, match="--rebuild"):
+        tiny.tiny_model_path(PICK_PLACE_ENV_ID, seed=0, budget="test", progress=False)
+
+
+def test_the_shipped_default_models_match_their_pins():
+    pins = json.loads(build_module.SHIPPED_PINS.read_text())
+    assert pins, "craft-bench ships the embedded default's tiny model"
+    for key in pins:
+        env_dir, name = key.split("/")
+        assert build_module.shipped_model(env_dir, name) == build_module.SHIPPED_DIR / env_dir / name

@@ -15,10 +15,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from craft_bench.agents.methods import METHOD_NAMES
+from craft_bench.agents.trainer import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    TrainConfig,
+    Trainer,
+)
 from fake_envs import COUNTER_ENV_ID
 
-from craft_bench.agents.methods import METHOD_NAMES
-from craft_bench.agents.trainer import CHECKPOINT_FILE, METRICS_FILE, TrainConfig, Trainer
 from craft_bench.leaderboard import validate_rows
 from craft_bench.run import main as run_main
 from craft_bench.run import run_name

@@ -1,5 +1,5 @@
-"""`python -m craft_bench.agents.tiny --env ENV_ID [--budget test|smoke|default]`: build (or find in the cache) the
-tiny model of an environment and print its path; `--eval N` then measures it with and without the privileged block."""
+"""`python -m craft_bench.agents.tiny --env ENV_ID [--budget test|smoke|default]`: the tiny model of an environment
+(shipped with craft-bench, else built or found in the cache) and print its path; `--eval N` then measures it with and without the privileged block."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="environment processes (default: one per core, at most 4; 0: in this process)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="build the model with this machine's code into the cache even where craft-bench ships "
+                             "one (a different model: compare its weights hash before comparing results)")
     args = parser.parse_args(argv)
     try:
         env_kwargs = json.loads(args.env_kwargs)
@@ -44,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = tiny_model_path(args.env, args.seed, args.budget, progress=not args.quiet, workers=args.workers,
-                           env_kwargs=env_kwargs)
+                           env_kwargs=env_kwargs, shipped=not args.rebuild)
     metadata = load_metadata(path)
     print(json.dumps({k: metadata[k] for k in SUMMARY_KEYS if k in metadata}, indent=2), file=sys.stderr)
     print(path, flush=True)

@@ -9,8 +9,8 @@ recipe version and the craft-bench version.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import hashlib
+import importlib.metadata
 import json
 import os
 import time
@@ -21,14 +21,22 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-
 from craft_bench.agents.prompts import PromptConfig
 from craft_bench.agents.tiny.budget import RECIPE_VERSION, TinyBudget, resolve_budget
 from craft_bench.agents.tiny.data import ExpertRecord, collect_expert_records
 from craft_bench.agents.tiny.model import count_parameters, make_model
 from craft_bench.agents.tiny.sft import make_examples, tokenize_examples, train_model
-from craft_bench.agents.tiny.tokenizer import name_tokenizer_class, newline_token_id, train_tokenizer
-from craft_bench.envs.cache import build_verified, cache_dir
+from craft_bench.agents.tiny.tokenizer import (
+    name_tokenizer_class,
+    newline_token_id,
+    train_tokenizer,
+)
+from craft_bench.envs.cache import (
+    CorruptCacheError,
+    build_verified,
+    cache_dir,
+    check_manifest,
+)
 
 DEFAULT_ENV_ID = "craft/ALFWorldGen-v0"
 #: Written next to the weights: how the model was built and what its prompts look like.
@@ -171,9 +179,13 @@ def tiny_model_path(
     progress: bool = True,
     workers: int | None = None,
     env_kwargs: dict[str, Any] | None = None,
+    shipped: bool = True,
 ) -> Path:
-    """The directory of the tiny model for (env, env kwargs, seed, budget): built on first use, then loaded from the
-    cache. These are also the keys of `tiny_options` (`Policy.from_pretrained("tiny", tiny_options=...)`).
+    """The directory of the tiny model for (env, env kwargs, seed, budget): the one shipped with craft-bench when
+    there is one for exactly this key (`SHIPPED_DIR`, hash-pinned in `SHIPPED_PINS`), else built on first use and
+    then loaded from the cache. `shipped=False` always uses (or builds) the cache's own: a rebuilt model is a
+    different model, with another weights hash. These are also the keys of `tiny_options`
+    (`Policy.from_pretrained("tiny", tiny_options=...)`).
 
     Load it with `AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)`.
     Safe when several processes ask at once (one builds, the others wait and reuse it).
@@ -187,12 +199,45 @@ def tiny_model_path(
     resolved = resolve_budget(budget)
     key = build_key(env_id, seed, resolved, env_fingerprint(env_id, env_kwargs), env_kwargs)
     name = f"{budget if isinstance(budget, str) else 'custom'}-seed{seed}-{key}"
-    target = cache_dir("models", "tiny", env_id.replace("/", "__").replace(":", "__")) / name
+    env_dir = env_id.replace("/", "__").replace(":", "__")
+    if shipped:
+        packaged = shipped_model(env_dir, name)
+        if packaged is not None:
+            return packaged
+    target = cache_dir("models", "tiny", env_dir) / name
     # The entry carries a manifest of its files' sha256, checked on load: a corrupt model is rebuilt (the build is
     # deterministic for a seed), or reported with its path and the command that clears it.
     return build_verified(
         target, lambda tmp: build_tiny_model(tmp, env_id, seed, resolved, progress, workers, env_kwargs)
     )
+
+
+SHIPPED_DIR = Path(__file__).parent / "shipped"
+"""Tiny models shipped as package data: `<env dir>/<budget>-seed<seed>-<build key>/`, each with its manifest."""
+SHIPPED_PINS = SHIPPED_DIR / "pins.json"
+"""`{"<env dir>/<name>": sha256 of model.safetensors}`: the weights every published result of that model used."""
+
+
+def shipped_model(env_dir: str, name: str) -> Path | None:
+    """The shipped model `env_dir/name` after checking its files against its manifest and its weights against the
+    pin; None if none is shipped for this key. A shipped model that fails a check is an error, never a rebuild."""
+    entry = SHIPPED_DIR / env_dir / name
+    pins = json.loads(SHIPPED_PINS.read_text()) if SHIPPED_PINS.exists() else {}
+    pin = pins.get(f"{env_dir}/{name}")
+    if pin is None:
+        return None
+    problem = check_manifest(entry)
+    if problem is None:
+        weights = hashlib.sha256((entry / "model.safetensors").read_bytes()).hexdigest()
+        if weights != pin:
+            problem = f"model.safetensors has sha256 {weights[:16]}..., the pin says {pin[:16]}..."
+    if problem is not None:
+        raise CorruptCacheError(
+            f"the tiny model shipped with craft-bench at {entry} is damaged: {problem}. Reinstall craft-bench, or "
+            "build your own with `python -m craft_bench.agents.tiny --rebuild` (a different model: its results "
+            "are not comparable with the published ones)"
+        )
+    return entry
 
 
 def load_metadata(model_path: str | Path) -> dict[str, Any]:

@@ -294,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 ("num_workers", "torch_threads", "rollout_threads", "rollout_waves", "old_logprobs")}
     parser = argparse.ArgumentParser(prog="python -m craft_bench.bench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny (built with --budget) | a local path or hub id")
-    parser.add_argument("--budget", default="smoke", help="tiny-model build budget: test | smoke | default")
+    parser.add_argument("--model", default="tiny", help="tiny (shipped, or built with --budget) | a local path or hub id")
+    parser.add_argument("--budget", default="default", help="tiny-model budget: test | smoke | default (the embedded default)")
     parser.add_argument("--env", default="craft/ALFWorldGen-v0", help="env id (the embedded default)")
     parser.add_argument("--env-kwargs", default="{}", help="JSON dict of env kwargs")
     parser.add_argument("--method", default="craft", help="method of the timed step (cpu preset options)")
@@ -362,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for revision, phases in against.items():
                 print(f"| {revision} | " + " | ".join(f"{phases.get(label, math.nan):.3f}" for label in AGAINST_COLUMNS)
                       + f" | {phases.get('whole step', math.nan) / step_s:.2f}x |")
-            print(f"| this code | " + " | ".join(f"{float(row[c]):.3f}" for c in
+            print("| this code | " + " | ".join(f"{float(row[c]):.3f}" for c in
                   ("time/generate_s", "time/env_s", "time/score_s", "time/update_s", "time/step_s")) + " | 1.00x |")
             print()
         if args.no_trl:
