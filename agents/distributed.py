@@ -10,6 +10,11 @@ How N processes reproduce one process on the same global batch:
    (`sum`): each rank's loss is its share of the one-process loss, so the ranks' losses add up to it.
 3. DDP averages gradients over ranks, so each rank's loss is scaled by N before backward (`loss_scale`); the
    micro-batches of a rank accumulate locally (`accelerator.no_sync`) and the last one synchronises.
+4. Mini-batches (`mini_batch_rows`, several updates per rollout) are global, as verl's ppo_mini_batch_size: the
+   step's rows in global order (rank 0's block, then rank 1's, ...) are cut into mini-batches of M rows exactly as
+   one process cuts them, and each rank takes its rows of each one (`mini_batch_parts`), possibly none. Every rank
+   so takes part in the same number of updates; a rank with no rows in one backpropagates a zero loss on a
+   stand-in row, so that it still joins that update's gradient all-reduce.
 
 Launch lines (CPU): `accelerate launch --multi_gpu --num_processes N -m craft_bench.run ...` or
 `torchrun --nproc_per_node N -m craft_bench.run ...`. `accelerate launch --cpu` always starts ONE process.
@@ -101,6 +106,10 @@ class DataParallel:
         torch.distributed.all_gather_object(gathered, item)
         return gathered
 
+    def mini_batch_parts(self, rows: int, mini_batch_rows: int | None) -> list[range]:
+        """This rank's local rows of each global mini-batch of the step (see `mini_batch_parts`); gathers row counts."""
+        return mini_batch_parts(self.gather(int(rows)), self.rank, mini_batch_rows)
+
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
@@ -110,3 +119,25 @@ class DataParallel:
         # gloo reduces CPU tensors, NCCL CUDA ones: use the backend's device.
         backend = torch.distributed.get_backend()
         return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def mini_batch_parts(rank_rows: Sequence[int], rank: int, mini_batch_rows: int | None) -> list[range]:
+    """Local row ranges of `rank` in each global mini-batch: the ranks' rows, concatenated in rank order, are cut into
+    mini-batches of `mini_batch_rows` rows (None: one mini-batch of all rows), as one process holding them all would
+    cut them; a rank's part of a mini-batch is the intersection with its own block, empty when they do not meet.
+    Every rank gets the same number of parts, ceil(total rows / mini_batch_rows)."""
+    if not 0 <= rank < len(rank_rows):
+        raise ValueError(f"rank {rank} is outside the {len(rank_rows)} ranks")
+    if any(n < 0 for n in rank_rows):
+        raise ValueError(f"row counts must be >= 0, got {list(rank_rows)}")
+    total = sum(rank_rows)
+    mini = mini_batch_rows or max(total, 1)
+    if mini < 1:
+        raise ValueError(f"mini_batch_rows must be >= 1 or None, got {mini_batch_rows}")
+    first = sum(rank_rows[:rank])
+    last = first + rank_rows[rank]
+    parts = []
+    for start in range(0, total, mini):
+        lo, hi = max(start, first), min(start + mini, last)
+        parts.append(range(lo - first, hi - first) if lo < hi else range(0, 0))
+    return parts

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -232,11 +233,6 @@ class Trainer:
         # Data parallel (agents/distributed.py): each rank plays a block of whole groups; rank 0 writes the files.
         self.dp = data_parallel or DataParallel()
         self.dp.check_groups(config.tasks_per_step)
-        if self.dp.world_size > 1 and config.mini_batch_rows:
-            raise ValueError(
-                "mini_batch_rows (several updates per rollout) is not supported with several processes yet: each "
-                "update needs the same number of mini-batches on every rank; leave it unset or run one process"
-            )
         self.config = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -273,9 +269,7 @@ class Trainer:
         self.train_model = self.dp.accelerator.prepare_model(self.model) if self.dp.world_size > 1 else self.model
         self.state = TrainState(world_size=self.dp.world_size)
         env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns}
-        self.train_runner = GroupRunner(
-            config.env_id, {**env_kwargs, "split": config.train_split}, config.num_workers, **self._pool_options()
-        )
+        self._train_runner: GroupRunner | None = None  # started on first use: an evaluation never pays for its workers
         self._eval_runner = None  # started on first evaluation: a training-only process never pays for its workers
         self.eval_info: dict[str, Any] | None = None  # info of the first evaluation episode, set by evaluate()
         self.train_tasks = split_task_ids(config.env_id, config.train_split, env_kwargs)
@@ -372,20 +366,23 @@ class Trainer:
         ctx = method.prepare(full, step=step, reduce=self.dp.sum)
         model.train()
         width = mask.shape[1]
-        mini = config.mini_batch_rows or full.rows
+        # Mini-batches are global (agents/distributed.py): this rank's rows of each, possibly none, so every rank
+        # takes part in the same updates and N processes cut the step as one process does.
+        mini_parts = self.dp.mini_batch_parts(full.rows, config.mini_batch_rows)
         updates: list[dict[str, float]] = []
         grad_norms: list[float] = []
         skipped = 0
         for _epoch in range(config.ppo_epochs):
-            for start in range(0, full.rows, mini):
-                stop = min(start + mini, full.rows)
+            for part in mini_parts:
+                start, stop = part.start, part.stop
                 (n_update,) = self.dp.sum([float(mask[start:stop].sum())])
                 update_ctx = ctx.with_tokens(n_update)
                 self.optimizer.zero_grad(set_to_none=True)
                 parts, losses = [], []
                 # Micro-batches of rows of similar lengths (less padding); the token mean's denominator is the
                 # mini-batch's, so the loss does not depend on how its rows are grouped.
-                micro_batches = micro_batch_order(
+                idle = start == stop  # no row of this mini-batch here: a stand-in row with a zero loss joins the sync
+                micro_batches = [[0]] if idle else micro_batch_order(
                     [len(p) for p in prompts[start:stop]], [len(r) for r in responses[start:stop]],
                     config.micro_batch_rows,
                 )
@@ -403,6 +400,9 @@ class Trainer:
                         if needs.logits:
                             micro.logits = _pad_columns(scored[2], width)
                         loss, metrics = method.loss(micro, update_ctx.select(rows))
+                        if idle:
+                            loss = loss * 0.0
+                            metrics = {k: 0.0 if k.startswith("loss/") else v for k, v in metrics.items()}
                         (loss * self.dp.loss_scale).backward()
                     parts.append(metrics)
                     losses.append(loss.detach())
@@ -464,6 +464,16 @@ class Trainer:
             "time/update_s": update_s,
             "time/sync_s": sync_s,
         }
+
+    @property
+    def train_runner(self) -> Any:
+        """The GroupRunner of the training split (its workers start on first use)."""
+        if self._train_runner is None:
+            from craft_bench.envs.group_runner import GroupRunner
+
+            env_kwargs = {**self.config.env_kwargs, "max_steps": self.config.max_turns, "split": self.config.train_split}
+            self._train_runner = GroupRunner(self.config.env_id, env_kwargs, self.config.num_workers, **self._pool_options())
+        return self._train_runner
 
     def _pool_options(self) -> dict[str, Any]:
         """GroupRunner's worker-pool arguments from the config."""
@@ -555,7 +565,8 @@ class Trainer:
         return target
 
     def close(self) -> None:
-        self.train_runner.close()
+        if self._train_runner is not None:
+            self._train_runner.close()
         if self._eval_runner is not None:
             self._eval_runner.close()
         if self.vllm is not None:

@@ -1,5 +1,6 @@
 """Two training steps on the Counter env, run by the data-parallel test once alone and once under torchrun with two
-gloo processes: rank 0 writes each step's metrics and the weights after each step to the output file."""
+gloo processes: rank 0 writes each step's metrics and the weights after each step to the output file.
+Arguments: method, output file, run directory, and optionally mini_batch_rows (several updates per step)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ from craft_bench.agents.trainer import TrainConfig, Trainer  # noqa: E402
 MODEL = Path(__file__).parent / "data" / "h1_tiny_test_model"
 
 
-def main(method: str, out: str, run_dir: str) -> None:
+def main(method: str, out: str, run_dir: str, mini_batch_rows: str = "") -> None:
     torch.set_num_threads(1)
-    options = {"alpha": 0.01} if method == "grpo" else {"alpha": 0.01, "kappa": 2.0}
+    options = {"alpha": 0.01, "h": 0.01} if method == "grpo" else {"alpha": 0.01, "kappa": 2.0}
     config = TrainConfig(
         method=method, method_options=options, env_id=fake_envs.COUNTER_ENV_ID, env_kwargs={"num_tasks": 8},
         model=str(MODEL), steps=2, tasks_per_step=4, group_size=3, max_turns=4, temperature=1.0,
         max_new_tokens=6, lr=1e-3, num_workers=0, micro_batch_rows=5, eval_split="train",
+        mini_batch_rows=int(mini_batch_rows) if mini_batch_rows else None,
     )
     dp = DataParallel.from_environment("cpu")
     trainer = Trainer(config, Path(run_dir) / f"rank{dp.rank}", progress=False, data_parallel=dp)
@@ -42,4 +44,4 @@ def main(method: str, out: str, run_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
