@@ -10,9 +10,34 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-CPU_PRESET: dict[str, Any] = {"method_options": {"alpha": 0.01}}
-"""The embedded CPU setting: TrainConfig's defaults plus the reference KL (α = 0.01, as at paper scale) for every
-method, so that methods are compared under one regulariser and CRAFT's Pillars 2-3 have an α to act on."""
+CPU_PRESET: dict[str, Any] = {
+    # The run: the shipped tiny model, B x G = 4 x 4 episodes of at most 15 turns per step.
+    "tiny_budget": "default",
+    "steps": 20,
+    "tasks_per_step": 4,
+    "group_size": 4,
+    "max_turns": 15,
+    "lr": 1e-3,
+    "invalid_penalty": 0.1,
+    # Evaluation: sampled at the training temperature on 96 held-out episodes (greedy decoding hides a policy's gains
+    # until its argmax flips).
+    "eval_episodes": 96,
+    "eval_temperature": 1.0,
+    # How the step is computed (results equal up to float rounding; docs/benchmarks.md measures each): θ_old from the
+    # sampler, env steps of one wave overlapping the other wave's generation on one torch thread, then every core
+    # for scoring and the update.
+    "old_logprobs": "rollout",
+    "rollout_waves": 2,
+    "rollout_threads": 1,
+    "method_options": {"alpha": 0.01},
+}
+"""The embedded CPU setting (`--preset cpu`, the CLI's default). Chosen by the measured sweeps in docs/methods.md
+("The CPU preset"): the learning rate, the reward terms and the distillation weight λ at this scale; every method
+keeps the reference KL α = 0.01, as at paper scale, so methods are compared under one regulariser and CRAFT's
+Pillars 2-3 have an α to act on."""
+
+CPU_METHOD_OPTIONS: dict[str, dict[str, Any]] = {}
+"""Per-method options of the CPU preset on top of CPU_PRESET["method_options"]."""
 
 PAPER_PRESET: dict[str, Any] = {
     "tasks_per_step": 16,
@@ -45,7 +70,7 @@ PAPER_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 β = 5; Skill-SD: c = 0.001, exp(-ℓ) capped at e^20 always; CRAFT's ours-marked choices)."""
 
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
-    "cpu": (CPU_PRESET, {}),
+    "cpu": (CPU_PRESET, CPU_METHOD_OPTIONS),
     "paper": (PAPER_PRESET, PAPER_METHOD_OPTIONS),
 }
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)

@@ -263,10 +263,10 @@ class Trainer:
         self.teacher = needs.teacher
         self.reference = _frozen_copy(self.model) if (needs.reference or self.teacher == "ref") else None
         self.ema = _frozen_copy(self.model) if self.teacher == "ema" else None
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        # The differentiable forward goes through the DDP wrapper (gradients averaged over ranks); sampling and the
-        # no-grad scores use the model itself, which every rank holds whole.
-        self.train_model = self.dp.accelerator.prepare_model(self.model) if self.dp.world_size > 1 else self.model
+        # The differentiable forward goes through the DDP wrapper (gradients averaged over ranks) or, under FSDP2, a
+        # sharded copy; sampling and the no-grad scores use the model itself, which every rank holds whole.
+        self.train_model = self.dp.prepare_model(self.model)
+        self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.state = TrainState(world_size=self.dp.world_size)
         env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns}
         self._train_runner: GroupRunner | None = None  # started on first use: an evaluation never pays for its workers
@@ -365,6 +365,7 @@ class Trainer:
         tick = time.perf_counter()
         ctx = method.prepare(full, step=step, reduce=self.dp.sum)
         model.train()
+        self.train_model.train()
         width = mask.shape[1]
         # Mini-batches are global (agents/distributed.py): this rank's rows of each, possibly none, so every rank
         # takes part in the same updates and N processes cut the step as one process does.
@@ -382,12 +383,15 @@ class Trainer:
                 # Micro-batches of rows of similar lengths (less padding); the token mean's denominator is the
                 # mini-batch's, so the loss does not depend on how its rows are grouped.
                 idle = start == stop  # no row of this mini-batch here: a stand-in row with a zero loss joins the sync
-                micro_batches = [[0]] if idle else micro_batch_order(
+                micro_batches = [None] if idle else micro_batch_order(
                     [len(p) for p in prompts[start:stop]], [len(r) for r in responses[start:stop]],
                     config.micro_batch_rows,
                 )
+                if self.dp.sharded:  # every FSDP forward is a collective: as many micro-batches on every rank
+                    micro_batches += [None] * (int(self.dp.max(len(micro_batches))) - len(micro_batches))
                 for number, chunk in enumerate(micro_batches):
-                    rows = torch.tensor([start + i for i in chunk])
+                    stand_in = chunk is None
+                    rows = torch.tensor([0] if stand_in else [start + i for i in chunk])
                     # Gradients accumulate locally over a rank's micro-batches; the last one synchronises the ranks.
                     with self._no_sync(last=number == len(micro_batches) - 1):
                         scored = response_logprobs(
@@ -400,7 +404,7 @@ class Trainer:
                         if needs.logits:
                             micro.logits = _pad_columns(scored[2], width)
                         loss, metrics = method.loss(micro, update_ctx.select(rows))
-                        if idle:
+                        if stand_in:
                             loss = loss * 0.0
                             metrics = {k: 0.0 if k.startswith("loss/") else v for k, v in metrics.items()}
                         (loss * self.dp.loss_scale).backward()
@@ -408,11 +412,12 @@ class Trainer:
                     losses.append(loss.detach())
                 # The non-finite guard (issue 15 #6), one decision for every rank: "stop" raises here, before this
                 # step's metrics row and checkpoint, so the last good checkpoint stays; "skip" drops this update.
-                problem = ckpt.nonfinite_problem(step, losses, model)
+                problem = ckpt.nonfinite_problem(step, losses, self.dp.gradient_view(self.train_model))
                 (ranks_bad,) = self.dp.sum([float(problem is not None)])
                 if not ranks_bad:
-                    grad_norms.append(_clip_gradients(model, config.grad_clip))
+                    grad_norms.append(_clip_gradients(self.train_model, config.grad_clip))
                     self.optimizer.step()
+                    self.dp.copy_full_weights(self.train_model, model)  # FSDP2: the whole model gets the update
                 elif config.on_nonfinite == "stop":
                     raise ckpt.NonFiniteError((problem or f"step {step}: a NaN or inf on another rank") + ckpt.NONFINITE_ADVICE)
                 else:
@@ -482,8 +487,9 @@ class Trainer:
         return {"pool": pool, "ray_address": self.config.ray_address}
 
     def _no_sync(self, last: bool):
-        """Inside: backward accumulates this rank's gradients without synchronising (all but the last micro-batch)."""
-        if self.dp.world_size == 1 or last:
+        """Inside: backward accumulates this rank's gradients without synchronising (all but the last micro-batch).
+        FSDP2 reduce-scatters every micro-batch's gradients into the sharded ones instead."""
+        if self.dp.world_size == 1 or last or self.dp.sharded:
             return contextlib.nullcontext()
         return self.dp.accelerator.no_sync(self.train_model)
 
@@ -515,7 +521,7 @@ class Trainer:
         payload = {
             "state": asdict(self.state),
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.dp.sharded else self.optimizer.state_dict(),  # FSDP2: sharded, not resumable
             "method": self.method.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "config": asdict(self.config),
@@ -532,6 +538,7 @@ class Trainer:
             if self.dp.is_main:
                 run_files.truncate_metrics(self.run_dir / METRICS_FILE, 0)
             return False
+        self.dp.check_resumable(self.run_dir)
         payload = ckpt.load_checkpoint(path, self.config.device)
         differing = run_files.config_differences(payload["config"], asdict(self.config), asdict(TrainConfig()))
         if differing:
@@ -542,6 +549,9 @@ class Trainer:
         self.model.load_state_dict(payload["model"])
         if self.vllm is not None:
             self.vllm.sync_weights(self.model)
+        if payload["optimizer"] is None:
+            raise ValueError(f"{self.run_dir}: the checkpoint was made under FSDP2 and holds no optimizer state; it "
+                             "cannot be resumed: start a new run directory")
         self.optimizer.load_state_dict(payload["optimizer"])
         self.method.load_state_dict(payload["method"])
         if self.ema is not None and payload["ema"] is not None:
@@ -632,8 +642,10 @@ def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     parameters = [p for p in model.parameters() if p.grad is not None]
     if not parameters:
         return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    if max_norm > 0 or hasattr(parameters[0].grad, "full_tensor"):
+        # FSDP2's sharded gradients: clip_grad_norm_ reduces the norm over the ranks (inf: measure, never clip).
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else math.inf)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in parameters])))
 
 

@@ -26,7 +26,6 @@ from fake_envs import COUNTER_ENV_ID
 
 from craft_bench.leaderboard import validate_rows
 from craft_bench.run import main as run_main
-from craft_bench.run import run_name
 
 TESTS_DIR = Path(__file__).parent
 
@@ -204,10 +203,15 @@ def test_cli_refuses_to_overwrite_and_resumes(model_dir, tmp_path):
     assert cli(model_dir, tmp_path, "--method", "opsd", "--steps", "1") == 0
     with pytest.raises(SystemExit, match="--resume"):
         cli(model_dir, tmp_path, "--method", "opsd", "--steps", "1")
+    # --resume of a finished run has nothing left to do; the step count is part of the configuration's identity, so
+    # more steps are another run, in another directory, and the first run stays as it was.
+    assert cli(model_dir, tmp_path, "--method", "opsd", "--steps", "1", "--resume") == 0
+    (first,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert pd.read_csv(first / METRICS_FILE)["step"].tolist() == [0]
     assert cli(model_dir, tmp_path, "--method", "opsd", "--steps", "2", "--resume") == 0
-    config = small_config(model_dir, method="opsd", method_options={"alpha": 0.01})  # the cpu preset's options
-    metrics = pd.read_csv(tmp_path / run_name(config) / METRICS_FILE)
-    assert metrics["step"].tolist() == [0, 1]
+    (second,) = [p for p in tmp_path.iterdir() if p.is_dir() and p != first]
+    assert pd.read_csv(second / METRICS_FILE)["step"].tolist() == [0, 1]
+    assert pd.read_csv(first / METRICS_FILE)["step"].tolist() == [0]
     assert cli(model_dir, tmp_path, "--method", "opsd", "--steps", "2", "--eval-only") == 0
 
 
