@@ -38,8 +38,12 @@ def main(method: str, out: str, run_dir: str, mini_batch_rows: str = "") -> None
             records.append((row, weights))
     finally:
         trainer.close()
+    # How much of the trained model this rank holds: all of it, or its shard under FSDP2.
+    local = sum(getattr(p, "_local_tensor", p).numel() for p in trainer.train_model.parameters())
+    whole = sum(p.numel() for p in trainer.model.parameters())
     if dp.is_main:
-        torch.save({"rows": [r for r, _ in records], "weights": [w for _, w in records]}, out)
+        torch.save({"rows": [r for r, _ in records], "weights": [w for _, w in records], "sharding": dp.sharding,
+                    "local_params": local, "whole_params": whole}, out)
     dp.barrier()
 
 

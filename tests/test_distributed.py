@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
-from craft_bench.agents.distributed import DataParallel, LaunchError, mini_batch_parts
+from craft_bench.agents.distributed import DataParallel, LaunchError, mini_batch_parts, sharding_from_environment
 
 
 def test_single_process_needs_no_process_group():
@@ -59,8 +59,8 @@ def test_global_mini_batches_cut_the_concatenated_rows_as_one_process_does(rank_
 
 def test_a_rank_outside_a_global_mini_batch_gets_an_empty_part():
     # 48 rows, 24 per rank, M = 20: [0, 20) is rank 0's alone, [20, 40) spans both, [40, 48) is rank 1's alone.
-    assert mini_batch_parts([24, 24], 0, 20) == [range(0, 20), range(20, 24), range(0, 0)]
-    assert mini_batch_parts([24, 24], 1, 20) == [range(0, 0), range(0, 16), range(16, 24)]
+    assert mini_batch_parts([24, 24], 0, 20) == [range(20), range(20, 24), range(0)]
+    assert mini_batch_parts([24, 24], 1, 20) == [range(0), range(16), range(16, 24)]
 
 
 def test_bad_mini_batch_arguments_are_refused():
@@ -68,6 +68,21 @@ def test_bad_mini_batch_arguments_are_refused():
         mini_batch_parts([3, 3], 2, 2)
     with pytest.raises(ValueError, match="mini_batch_rows must be >= 1"):
         mini_batch_parts([3, 3], 0, -1)
+
+
+def test_the_accelerate_config_selects_the_sharding():
+    assert sharding_from_environment({}) == "ddp"
+    assert sharding_from_environment({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}) == "fsdp2"
+    with pytest.raises(LaunchError, match="FSDP version 1 is not supported: set fsdp_version: 2"):
+        sharding_from_environment({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+    with pytest.raises(LaunchError, match="DeepSpeed configs are not supported"):
+        sharding_from_environment({"ACCELERATE_USE_DEEPSPEED": "true"})
+
+
+def test_resuming_under_fsdp2_is_refused_by_name(tmp_path):
+    DataParallel(0, 2, sharding="ddp").check_resumable(tmp_path)  # DDP runs resume
+    with pytest.raises(ValueError, match="resuming a run under FSDP2 is not supported"):
+        DataParallel(0, 2, sharding="fsdp2").check_resumable(tmp_path)
 
 
 def _free_port() -> int:
@@ -103,11 +118,18 @@ def test_reductions_over_two_gloo_processes():
 SCRIPT = Path(__file__).parent / "ddp_train.py"
 
 
-def _launch(method: str, out: Path, processes: int, *extra: str) -> dict:
+ACCELERATE_CONFIGS = Path(__file__).parent.parent / "configs" / "accelerate"
+
+
+def _launch(method: str, out: Path, processes: int, *extra: str, accelerate_config: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     runs = out.parent / f"runs-{processes}"
-    if processes == 1:
+    if accelerate_config is not None:  # accelerate's launcher, as a user types it, with the shipped config file
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ACCELERATE_CONFIGS / accelerate_config), "--num_processes", str(processes),
+                   "--main_process_port", str(_free_port()), str(SCRIPT), method, str(out), str(runs), *extra]
+    elif processes == 1:
         command = [sys.executable, str(SCRIPT), method, str(out), str(runs), *extra]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
@@ -163,6 +185,25 @@ def test_global_mini_batches_on_two_processes_equal_one_process(tmp_path):
         # The second update starts from weights the first moved by lr; its ratios and KL amplify float rounding.
         assert b["loss/total"] == pytest.approx(a["loss/total"], rel=1e-5)
         assert b["optim/grad_norm"] == pytest.approx(a["optim/grad_norm"], rel=1e-5)
+        _assert_same_weights(one["weights"][step], two["weights"][step], WEIGHT_TOLERANCE["grpo"], step)
+
+
+def test_fsdp2_on_two_gloo_processes_shards_the_model_and_equals_one_process(tmp_path):
+    """configs/accelerate/fsdp2_cpu.yaml through `accelerate launch`: each rank holds half of the trained parameters
+    (fully_shard per decoder layer and root), and grpo with two mini-batch updates per step (one rank idle in the
+    second, micro-batch counts evened out with zero-loss stand-ins, since every FSDP forward is a collective) gives
+    the one-process loss and weights within the DDP tolerance; the whole model every rank samples with is refreshed
+    from the shards after each update (rank 0's whole model is what is compared)."""
+    one = _launch("grpo", tmp_path / "one.pt", 1, "30")
+    two = _launch("grpo", tmp_path / "two.pt", 2, "30", accelerate_config="fsdp2_cpu.yaml")
+    assert two["sharding"] == "fsdp2"
+    assert two["local_params"] < two["whole_params"]  # sharded: 30360 of 60720 for this model
+    for step in range(2):
+        a, b = one["rows"][step], two["rows"][step]
+        assert a["optim/updates"] == b["optim/updates"] == 2.0
+        for key in ("env/success", "env/return_mean", "rollout/rows", "rollout/tokens"):
+            assert a[key] == b[key], key  # step 2's episodes were sampled by the whole model after step 1's update
+        assert b["loss/total"] == pytest.approx(a["loss/total"], rel=1e-5)
         _assert_same_weights(one["weights"][step], two["weights"][step], WEIGHT_TOLERANCE["grpo"], step)
 
 
