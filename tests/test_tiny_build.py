@@ -10,17 +10,15 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-from fake_envs import PICK_PLACE_ENV_ID, PickPlaceEnv
-
 import craft_bench.agents.tiny.build as build_module
+import pytest
 from craft_bench.agents import tiny
 from craft_bench.agents.prompts import format_prompt
 from craft_bench.agents.tiny.__main__ import main as tiny_cli
 from craft_bench.agents.tiny.evaluate import evaluate_success
 from craft_bench.agents.tiny.tokenizer import newline_token_id
 from craft_bench.envs.cache import CorruptCacheError
-
+from fake_envs import PICK_PLACE_ENV_ID, PickPlaceEnv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
