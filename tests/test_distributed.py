@@ -223,3 +223,21 @@ def test_a_refused_start_stops_every_rank_instead_of_leaving_them_waiting(tmp_pa
                           timeout=300)
     assert done.returncode != 0
     assert done.stderr.count("already holds a run") == 2, done.stderr[-2000:]  # both ranks, one message each
+
+
+@pytest.mark.distributed
+def test_bench_train_processes_reports_the_ddp_step_time_and_its_ratio(capsys):
+    """`bench train --processes 2` launches the same two-step run with 1 process and with 2 torchrun ranks and prints
+    both timed steps (read from each run's metrics.csv) and their ratio, the 1-process row at 1.00x."""
+    from craft_bench.bench.train import main as bench_train
+
+    bench_train(["--processes", "2", "--model", str(Path(__file__).parent / "data" / "h1_tiny_test_model"),
+                 "--method", "grpo", "--tasks", "2", "--group-size", "2", "--max-turns", "3", "--max-new-tokens", "6",
+                 "--threads", "1", "--workers", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)
+            if cells[0] in ("1", "2")}
+    assert rows["1"][1] == "1.00x"
+    one, two = float(rows["1"][0]), float(rows["2"][0])
+    assert one > 0 and two > 0
+    assert float(rows["2"][1].rstrip("x")) == pytest.approx(two / one, abs=0.01)  # from the unrounded seconds

@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -288,6 +289,56 @@ def time_revision(revision: str, common: list[str]) -> dict[str, float]:
     return phases
 
 
+def ddp_step_seconds(processes: int, run_args: list[str], out: Path, threads: int, workers: int) -> float:
+    """Seconds of the second training step (the first warms up) of `python -m craft_bench.run` launched by torchrun
+    with `processes` gloo ranks (one process: plain python), read from rank 0's metrics.csv `time/step_s`. Each rank
+    gets threads / processes torch threads and workers / processes env workers, so N ranks share the cores one
+    process would use."""
+    per_rank_threads = max(1, threads // processes)
+    command = ["-m", "craft_bench.run", *run_args, "--out", str(out), "--no-progress",
+               "--num-workers", str(workers // processes),
+               "--set", f"torch_threads={per_rank_threads}", "--set", f"rollout_threads={per_rank_threads}"]
+    if processes > 1:
+        with socket.socket() as sock:  # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+                   "--master_port", str(port), *command]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(per_rank_threads)}
+    environment.pop("WORLD_SIZE", None)
+    done = subprocess.run([sys.executable, *command], env=environment, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {processes}-process run failed:\n{done.stderr[-3000:]}")
+    (metrics,) = list(out.glob(f"*/{METRICS_FILE}"))
+    return float(pd.read_csv(metrics)["time/step_s"].iloc[-1])
+
+
+def ddp_table(args: argparse.Namespace) -> list[str]:
+    """`--processes N`: the same two-step run with 1 process and with N data-parallel processes (torchrun, gloo),
+    one after the other in this run; the timed step's seconds and the ratio N-process / 1-process."""
+    run_args = ["--method", args.method, "--model", args.model, "--env", args.env, "--steps", "2",
+                "--seeds", str(args.seed),
+                "--set", f"env_kwargs={args.env_kwargs}", "--set", f"tiny_budget={json.dumps(args.budget)}",
+                "--set", f"tasks_per_step={args.tasks}", "--set", f"group_size={args.group_size}",
+                "--set", f"max_turns={args.max_turns}", "--set", f"max_new_tokens={args.max_new_tokens}",
+                "--set", f"micro_batch_rows={args.micro_batch_rows}", "--set", f"rollout_waves={args.waves}",
+                "--set", f"old_logprobs={json.dumps(args.old_logprobs)}", "--set", "eval_episodes=1"]
+    threads = args.threads or torch.get_num_threads()
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for processes in (1, args.processes):
+            seconds[processes] = ddp_step_seconds(processes, run_args, Path(tmp) / f"p{processes}", threads, workers)
+    n = args.processes
+    lines = [(f"data parallel (torchrun, gloo): method {args.method}, B={args.tasks} G={args.group_size} "
+              f"turns<={args.max_turns}, the second of two steps; 1 process: {threads} torch threads, {workers} env "
+              f"workers; {n} processes: {max(1, threads // n)} torch threads and {workers // n} env workers each"),
+             "| processes | s / step | ratio to 1 process |", "|---|---|---|"]
+    for processes, value in seconds.items():
+        lines.append(f"| {processes} | {value:.3f} | {value / seconds[1]:.2f}x |")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     defaults = preset_values("cpu", "grpo")
     defaults = {name: defaults.get(name, getattr(TrainConfig, name, None)) for name in
@@ -321,7 +372,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "speed-up), in a subprocess of this run; repeatable")
     parser.add_argument("--against-threads", type=int, default=1, help="torch threads of the --against runs")
     parser.add_argument("--against-workers", type=int, default=1, help="env workers of the --against runs")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="N > 1: only time the step with N data-parallel processes (torchrun, gloo) against 1 "
+                             "process, both launched from this run, and print their ratio")
     args = parser.parse_args(argv)
+    if args.processes > 1:
+        print("\n".join(ddp_table(args)))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
