@@ -314,7 +314,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "on_nonfinite": ("stop", "skip"),
     "engine": ("hf", "vllm"),
     "env_workers": ("local", "ray", "inprocess"),
-    "old_logprobs": ("rescore", "rollout"),
+    "old_logprobs": ("rescore", "rollout", "auto"),
 }
 
 

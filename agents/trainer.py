@@ -136,7 +136,8 @@ class TrainConfig:
     """Where θ_old's log-probs come from. "rescore": the rollout's rows scored again by `response_logprobs`, as verl
     computes old_log_prob. "rollout": the sampler's own log-probs, made by the same weights during generation, so
     the same numbers up to float rounding between the cached and the full forward pass; it saves a forward pass
-    over every prompt. Needs engine="hf", temperature=1 and top_p=1 (otherwise the sampler's distribution is not π)."""
+    over every prompt. Needs engine="hf", temperature=1 and top_p=1 (otherwise the sampler's distribution is not π).
+    "auto" (the CPU preset's choice) becomes "rollout" where that is allowed, else "rescore", when the config is made."""
     rollout_waves: int = 1
     """The step's episodes split into this many waves that take turns: while the env workers step one wave, the
     policy samples the replies of the next, so env stepping and generation overlap (2 on a 2-core machine). Sampled
@@ -175,9 +176,11 @@ class TrainConfig:
             problems.append(f"env_workers must be 'local', 'ray' or 'inprocess', got {self.env_workers!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             problems.append(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.old_logprobs == "auto":  # resolved here, so the config (and its identity) records what was done
+            self.old_logprobs = "rollout" if self.sampler_is_policy else "rescore"
         if self.old_logprobs not in ("rescore", "rollout"):
-            problems.append(f"old_logprobs must be 'rescore' or 'rollout', got {self.old_logprobs!r}")
-        elif self.old_logprobs == "rollout" and (self.engine != "hf" or self.temperature != 1.0 or self.top_p != 1.0):
+            problems.append(f"old_logprobs must be 'rescore', 'rollout' or 'auto', got {self.old_logprobs!r}")
+        elif self.old_logprobs == "rollout" and not self.sampler_is_policy:
             problems.append(
                 "old_logprobs='rollout' needs engine='hf', temperature=1 and top_p=1 (the sampler's log-probs are then "
                 f"π_θ_old's own); got engine={self.engine!r}, temperature={self.temperature}, top_p={self.top_p}: "
@@ -190,6 +193,12 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    @property
+    def sampler_is_policy(self) -> bool:
+        """Whether training samples come from π_θ itself (engine hf, temperature 1, top_p 1), so that the sampler's
+        log-probs are θ_old's."""
+        return self.engine == "hf" and self.temperature == 1.0 and self.top_p == 1.0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

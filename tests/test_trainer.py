@@ -338,3 +338,7 @@ def test_old_logprobs_from_the_rollout_need_the_sampler_to_be_the_policy():
         TrainConfig(rollout_waves=0)
     with pytest.raises(ValueError, match="old_logprobs must be"):
         TrainConfig(old_logprobs="cached")
+    # "auto" (the CPU preset's) resolves when the config is made, so config.json and the identity record what ran.
+    assert TrainConfig(old_logprobs="auto").old_logprobs == "rollout"
+    assert TrainConfig(old_logprobs="auto", temperature=0.7).old_logprobs == "rescore"
+    assert TrainConfig(old_logprobs="auto", engine="vllm").old_logprobs == "rescore"

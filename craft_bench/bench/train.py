@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="torch threads while rollouts play")
     parser.add_argument("--waves", type=int, default=defaults["rollout_waves"],
                         help="rollout waves (2: env steps of one wave overlap the next wave's generation)")
-    parser.add_argument("--old-logprobs", choices=("rescore", "rollout"), default=defaults["old_logprobs"],
+    parser.add_argument("--old-logprobs", choices=("rescore", "rollout", "auto"), default=defaults["old_logprobs"],
                         help="θ_old's log-probs: scored again, or the sampler's own")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
