@@ -228,7 +228,7 @@ def response_logprobs(
         prompts = [list(map(int, prompt_ids[i])) for i in chunk]
         responses = [list(map(int, response_ids[i])) for i in chunk]
         part = _score_chunk(model, prompts, responses, max(len(r) for r in responses), pad_token_id, device, return_logits)
-        parts.append(tuple(_pad_width(tensor, width) for tensor in part))
+        parts.append(tuple(pad_columns(tensor, width) for tensor in part))
     outputs = [torch.cat(column, dim=0) for column in zip(*parts)]
     flat = [i for chunk in order for i in chunk]
     if flat != list(range(rows)):
@@ -248,13 +248,13 @@ def micro_batch_order(prompt_lengths: Sequence[int], response_lengths: Sequence[
     return [order[i : i + size] for i in range(0, rows, size)]
 
 
-def _pad_width(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """A (rows, T, ...) output padded with zeros (False for masks) to (rows, width, ...)."""
-    missing = width - tensor.shape[1]
+def pad_columns(values: torch.Tensor, width: int) -> torch.Tensor:
+    """A (rows, T, ...) tensor right-padded on dim 1 with zeros (False for masks) to (rows, width, ...)."""
+    missing = width - values.shape[1]
     if missing == 0:
-        return tensor
-    pad = tensor.new_zeros((tensor.shape[0], missing, *tensor.shape[2:]))
-    return torch.cat([tensor, pad], dim=1)
+        return values
+    pad = values.new_zeros((values.shape[0], missing, *values.shape[2:]))
+    return torch.cat([values, pad], dim=1)
 
 
 def _score_chunk(

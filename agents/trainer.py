@@ -35,7 +35,7 @@ from craft_bench.agents import checkpoint as ckpt
 from craft_bench.agents import losses as L
 from craft_bench.agents import run_files
 from craft_bench.agents.distributed import DataParallel
-from craft_bench.agents.engine import micro_batch_order, response_logprobs
+from craft_bench.agents.engine import micro_batch_order, pad_columns, response_logprobs
 from craft_bench.agents.episodes import episode_return, summarize
 from craft_bench.agents.methods import Method, combine_metrics, make_method
 from craft_bench.agents.policy import Policy, pad_token_id
@@ -237,8 +237,6 @@ class Trainer:
         loggers: list | None = None,
         data_parallel: DataParallel | None = None,
     ):
-        from craft_bench.envs.group_runner import GroupRunner
-
         # Data parallel (agents/distributed.py): each rank plays a block of whole groups; rank 0 writes the files.
         self.dp = data_parallel or DataParallel()
         self.dp.check_groups(config.tasks_per_step)
@@ -278,7 +276,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.state = TrainState(world_size=self.dp.world_size)
         env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns}
-        self._train_runner: GroupRunner | None = None  # started on first use: an evaluation never pays for its workers
+        self._train_runner: Any = None  # a GroupRunner, started on first use: an evaluation never pays for its workers
         self._eval_runner = None  # started on first evaluation: a training-only process never pays for its workers
         self.eval_info: dict[str, Any] | None = None  # info of the first evaluation episode, set by evaluate()
         self.train_tasks = split_task_ids(config.env_id, config.train_split, env_kwargs)
@@ -400,18 +398,18 @@ class Trainer:
                     micro_batches += [None] * (int(self.dp.max(len(micro_batches))) - len(micro_batches))
                 for number, chunk in enumerate(micro_batches):
                     stand_in = chunk is None
-                    rows = torch.tensor([0] if stand_in else [start + i for i in chunk])
+                    index = [0] if stand_in else [start + i for i in chunk]
+                    rows = torch.tensor(index)
                     # Gradients accumulate locally over a rank's micro-batches; the last one synchronises the ranks.
                     with self._no_sync(last=number == len(micro_batches) - 1):
                         scored = response_logprobs(
-                            self.train_model, [prompts[i] for i in rows.tolist()],
-                            [responses[i] for i in rows.tolist()], pad_token_id=self.pad_id,
-                            return_logits=needs.logits,
+                            self.train_model, [prompts[i] for i in index], [responses[i] for i in index],
+                            pad_token_id=self.pad_id, return_logits=needs.logits,
                         )
                         micro = full.select(rows)
-                        micro.logp = _pad_columns(scored[0], width)
+                        micro.logp = pad_columns(scored[0], width)
                         if needs.logits:
-                            micro.logits = _pad_columns(scored[2], width)
+                            micro.logits = pad_columns(scored[2], width)
                         loss, metrics = method.loss(micro, update_ctx.select(rows))
                         if stand_in:
                             loss = loss * 0.0
@@ -483,17 +481,18 @@ class Trainer:
     def train_runner(self) -> Any:
         """The GroupRunner of the training split (its workers start on first use)."""
         if self._train_runner is None:
-            from craft_bench.envs.group_runner import GroupRunner
-
-            env_kwargs = {**self.config.env_kwargs, "max_steps": self.config.max_turns, "split": self.config.train_split}
-            self._train_runner = GroupRunner(self.config.env_id, env_kwargs, self.config.num_workers, **self._pool_options())
+            self._train_runner = self._make_runner(self.config.train_split)
         return self._train_runner
 
-    def _pool_options(self) -> dict[str, Any]:
-        """GroupRunner's worker-pool arguments from the config."""
+    def _make_runner(self, split: str) -> Any:
+        """A GroupRunner of `split` with the config's env, turn cap and worker pool."""
+        from craft_bench.envs.group_runner import GroupRunner
+
+        config = self.config
+        env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns, "split": split}
         # "local" leaves the choice to the runner, which plays in this process when num_workers is 0.
-        pool = None if self.config.env_workers == "local" else self.config.env_workers
-        return {"pool": pool, "ray_address": self.config.ray_address}
+        pool = None if config.env_workers == "local" else config.env_workers
+        return GroupRunner(config.env_id, env_kwargs, config.num_workers, pool=pool, ray_address=config.ray_address)
 
     def _no_sync(self, last: bool):
         """Inside: backward accumulates this rank's gradients without synchronising (all but the last micro-batch).
@@ -507,10 +506,7 @@ class Trainer:
         """The fixed held-out episode list at the stated temperature; one record per episode, in task order."""
         config = self.config
         if self._eval_runner is None:
-            from craft_bench.envs.group_runner import GroupRunner
-
-            env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns, "split": config.eval_split}
-            self._eval_runner = GroupRunner(config.env_id, env_kwargs, config.num_workers, **self._pool_options())
+            self._eval_runner = self._make_runner(config.eval_split)
         with torch_threads(self.rollout_threads):
             records = evaluate_episodes(
                 self._eval_runner, self.policy, self.eval_tasks, temperature=config.eval_temperature, seed=config.seed,
@@ -636,15 +632,6 @@ def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
         if key.startswith("loss/"):
             merged[key] = sum(u[key] for u in updates) / len(updates)
     return merged
-
-
-def _pad_columns(values: torch.Tensor, width: int) -> torch.Tensor:
-    """Right-pad dim 1 with zeros to `width`: a micro-batch's longest response may be shorter than the step's."""
-    missing = width - values.shape[1]
-    if missing == 0:
-        return values
-    pad = values.new_zeros((values.shape[0], missing, *values.shape[2:]))
-    return torch.cat([values, pad], dim=1)
 
 
 def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:

@@ -31,14 +31,20 @@ def _problem_text(rows) -> str:
 
 # --- schema 1 files are read as they are ---------------------------------------------------------------------------
 
-def test_schema1_submissions_read_as_unknown_weights_without_task_score(tmp_path):
-    # The committed leaderboard holds only current rows since issue 10 regenerated it; a schema-1 file written as
-    # the first leaderboard's were still reads, with unknown initial weights and no task score.
-    root = tmp_path / "lb"
+def _write_schema1_file(root: Path) -> Path:
+    """One seed-0 row in schema 1's columns, as the first leaderboard wrote its files; returns the file."""
     (root / "submissions").mkdir(parents=True)
     old_row = {k: v for k, v in _text(_row(seed=0)).items() if k in LEADERBOARD_COLUMNS_V1}
     old_path = root / "submissions" / f"{entry_name({**old_row, 'policy_sha256': 'unknown'})}.csv"
     pd.DataFrame([old_row], columns=list(LEADERBOARD_COLUMNS_V1)).to_csv(old_path, index=False, lineterminator="\n")
+    return old_path
+
+
+def test_schema1_submissions_read_as_unknown_weights_without_task_score(tmp_path):
+    # The committed leaderboard holds only current rows since issue 10 regenerated it; a schema-1 file written as
+    # the first leaderboard's were still reads, with unknown initial weights and no task score.
+    root = tmp_path / "lb"
+    _write_schema1_file(root)
     frame = load_submissions(root)
     assert list(frame.columns) == list(LEADERBOARD_COLUMNS) and len(frame) == 1
     assert set(frame["schema_version"]) == {"1"}
@@ -53,10 +59,7 @@ def test_the_committed_leaderboard_reads_in_the_current_schema():
 
 def test_a_schema1_file_keeps_its_name_and_is_rewritten_in_the_current_schema_only_when_touched(tmp_path):
     root = tmp_path / "lb"
-    (root / "submissions").mkdir(parents=True)
-    old_row = {k: v for k, v in _text(_row(seed=0)).items() if k in LEADERBOARD_COLUMNS_V1}
-    old_path = root / "submissions" / f"{entry_name({**old_row, 'policy_sha256': 'unknown'})}.csv"
-    pd.DataFrame([old_row], columns=list(LEADERBOARD_COLUMNS_V1)).to_csv(old_path, index=False, lineterminator="\n")
+    old_path = _write_schema1_file(root)
     assert len(validate_csv(old_path)) == 1
     submit(_write_run(tmp_path / "run", [1], [0.5]), root)  # same entry, unknown weights: joins the old file
     stored = read_table(old_path)

@@ -27,18 +27,12 @@ from craft_bench.agents.trainer import METRICS_FILE, TrainConfig, Trainer
 #: The student is at chance: P(gold) within this band before training (1/4 exactly would be a uniform fit).
 CHANCE_BAND = (0.15, 0.35)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: fast for this model size on a shared machine, and the same float order every run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread (tests/conftest.py): fast for this model size on a shared machine, the same float order every run.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def micro_model(tmp_path_factory, one_thread) -> Path:
+def micro_model(tmp_path_factory, one_torch_thread) -> Path:
     path = tmp_path_factory.mktemp("micro_model")
     build_micro_model(path, seed=0, sft_steps=200)
     return path
