@@ -18,12 +18,17 @@ INVALID_PENALTY = 0.1
 
 
 def episode_return(won: Any, n_invalid: Any, success_reward: float = SUCCESS_REWARD,
-                   invalid_penalty: float = INVALID_PENALTY) -> Any:
-    """R = success_reward · won - invalid_penalty · n_invalid (CRAFT_SPEC.md §2).
+                   invalid_penalty: float = INVALID_PENALTY, progress: Any = 0.0, progress_reward: float = 0.0) -> Any:
+    """R = success_reward · won - invalid_penalty · n_invalid (CRAFT_SPEC.md §2), plus progress_reward · progress when
+    the documented shaping option is on (`TrainConfig.progress_reward`; 0, the spec's return, by default).
 
-    `won` and `n_invalid` are numbers (bool/int) or arrays/tensors of one dtype each; the result has their type.
+    `won`, `n_invalid` and `progress` are numbers (bool/int/float) or arrays/tensors; the result has their type. With
+    progress_reward = 0 the shaping term is not added at all, so the spec's return is computed bit for bit.
     """
-    return success_reward * won - invalid_penalty * n_invalid
+    value = success_reward * won - invalid_penalty * n_invalid
+    if progress_reward:
+        value = value + progress_reward * progress
+    return value
 
 
 class Outcome(Protocol):
@@ -58,13 +63,14 @@ def invalid_rate(n_invalid: Sequence[int], n_steps: Sequence[int]) -> float:
 
 
 def summarize(episodes: Sequence[Outcome], success_reward: float = SUCCESS_REWARD,
-              invalid_penalty: float = INVALID_PENALTY) -> EpisodeSummary:
+              invalid_penalty: float = INVALID_PENALTY, progress_reward: float = 0.0) -> EpisodeSummary:
     """Success, mean return, progress, length and invalid-action rate of `episodes` (any objects with `won`,
     `progress`, `n_steps`, `n_invalid`). An empty list is a ValueError: a summary of nothing has no mean."""
     if not episodes:
         raise ValueError("summarize needs at least one episode")
     n = len(episodes)
-    returns = [episode_return(float(e.won), e.n_invalid, success_reward, invalid_penalty) for e in episodes]
+    returns = [episode_return(float(e.won), e.n_invalid, success_reward, invalid_penalty, float(e.progress), progress_reward)
+               for e in episodes]
     return EpisodeSummary(
         episodes=n,
         success=sum(float(e.won) for e in episodes) / n,

@@ -79,15 +79,24 @@ class TokenBatch:
 
 
 def episode_returns(
-    won: Tensor, n_invalid: Tensor, success_reward: float = 10.0, invalid_penalty: float = 0.1
+    won: Tensor, n_invalid: Tensor, success_reward: float = 10.0, invalid_penalty: float = 0.1,
+    progress: Tensor | None = None, progress_reward: float = 0.0,
 ) -> Tensor:
     """R_i = success_reward · won_i - invalid_penalty · n_invalid_i (spec §2; `episodes.episode_return` applied to
-    float32 tensors). won, n_invalid: (E,) -> (E,) float32."""
+    float32 tensors), + progress_reward · progress_i with the shaping option on. won, n_invalid, progress: (E,) ->
+    (E,) float32. progress is needed only when progress_reward != 0."""
     won = torch.as_tensor(won)
     n_invalid = torch.as_tensor(n_invalid)
     if won.shape != n_invalid.shape or won.dim() != 1:
         raise ValueError(f"won and n_invalid must be 1-D of the same shape, got {tuple(won.shape)} and {tuple(n_invalid.shape)}")
-    return episode_return(won.to(torch.float32), n_invalid.to(torch.float32), success_reward, invalid_penalty)
+    if progress_reward and progress is None:
+        raise ValueError("progress_reward != 0 needs each episode's progress")
+    if progress is not None:
+        progress = torch.as_tensor(progress).to(torch.float32)
+        if progress.shape != won.shape:
+            raise ValueError(f"progress must have the shape of won {tuple(won.shape)}, got {tuple(progress.shape)}")
+    return episode_return(won.to(torch.float32), n_invalid.to(torch.float32), success_reward, invalid_penalty,
+                          progress if progress is not None else 0.0, progress_reward)
 
 
 def grpo_advantages(returns: Tensor, group_id: Tensor, adv_std: str = "group") -> Tensor:

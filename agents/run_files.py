@@ -299,6 +299,7 @@ FIELD_RANGES: dict[str, Range] = {
     "ppo_epochs": Range(1),
     "success_reward": Range(0, low_open=True),
     "invalid_penalty": Range(0),
+    "progress_reward": Range(0),
     "ema_decay": Range(0, 1, high_open=True),
     "eval_episodes": Range(1),
     "eval_temperature": Range(0),  # 0 = greedy

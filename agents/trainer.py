@@ -112,6 +112,10 @@ class TrainConfig:
     """Return of a won episode."""
     invalid_penalty: float = 0.1
     """Return penalty per invalid action."""
+    progress_reward: float = 0.0
+    """Reward shaping, off by default: the return gains progress_reward x the episode's final progress in [0, 1] (the
+    env's `info["progress"]`; ALFWorld: the share of the expert plan done). Unlike the 0/1 win it differs between
+    siblings of almost every group, so GRPO has a signal when no sibling wins. The return is no longer the paper's."""
     ema_decay: float = 0.99
     """EMA decay of the teacher when the method's `teacher` option is "ema" (its options: "old", the sampling
     policy, the default; "ref", the initial weights; "ema", an EMA of θ)."""
@@ -337,6 +341,7 @@ class Trainer:
         returns = L.episode_returns(
             torch.tensor([e.won for e in episodes]), torch.tensor([e.n_invalid for e in episodes]),
             config.success_reward, config.invalid_penalty,
+            torch.tensor([float(e.progress) for e in episodes]), config.progress_reward,
         )
         episode_adv = method.advantages(returns, torch.tensor([e.group_id for e in episodes]))
         tensors = rollout.to_tensors()
@@ -451,7 +456,7 @@ class Trainer:
             metrics.update(zip(loss_keys, self.dp.sum([metrics[key] for key in loss_keys])))
         self.state.env_steps += int(env_steps)
         self.state.env_time_s += rollout.timings["env_s"]
-        summary = summarize(episodes, config.success_reward, config.invalid_penalty)
+        summary = summarize(episodes, config.success_reward, config.invalid_penalty, config.progress_reward)
         return {
             "step": step,
             "seed": config.seed,
@@ -502,19 +507,22 @@ class Trainer:
         return self.dp.accelerator.no_sync(self.train_model)
 
     # ------------------------------------------------------------------------------------------------ evaluation
-    def evaluate(self) -> list[dict[str, Any]]:
-        """The fixed held-out episode list at the stated temperature; one record per episode, in task order."""
+    def evaluate(self, act_on: str = "student") -> list[dict[str, Any]]:
+        """The fixed held-out episode list at the stated temperature; one record per episode, in task order.
+        `act_on="teacher"` plays the same episodes on the teacher prompt (the privileged block, then the student's
+        prompt): how well the policy does when it is shown the privileged context."""
         config = self.config
         if self._eval_runner is None:
             self._eval_runner = self._make_runner(config.eval_split)
         with torch_threads(self.rollout_threads):
             records = evaluate_episodes(
                 self._eval_runner, self.policy, self.eval_tasks, temperature=config.eval_temperature, seed=config.seed,
-                max_new_tokens=config.max_new_tokens, history_turns=config.history_turns, waves=config.rollout_waves,
-                progress=self.progress,
+                max_new_tokens=config.max_new_tokens, history_turns=config.history_turns, act_on=act_on,
+                waves=config.rollout_waves, progress=self.progress,
             )
         for record in records:
-            record["return"] = episode_return(float(record["won"]), record["invalid_actions"], config.success_reward, config.invalid_penalty)
+            record["return"] = episode_return(float(record["won"]), record["invalid_actions"], config.success_reward,
+                                              config.invalid_penalty, float(record["progress"]), config.progress_reward)
         # What the result row needs to know about the environment (version, data hash, privileged keys) is in any
         # episode's info: keep one rather than making and resetting another env to ask again.
         self.eval_info = self._eval_runner.last_infos[0]

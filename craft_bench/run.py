@@ -66,6 +66,8 @@ from craft_bench.leaderboard.schema import BASE_METHOD
 RESULT_FILE = "result.csv"
 EVAL_ONLY_FILE = "eval_only.csv"
 EVAL_ONLY_RESULT_FILE = "eval_only_result.csv"
+#: `--method base --privileged-eval`: the same evaluation episodes played on the teacher prompt (privileged block shown).
+PRIVILEGED_EVAL_FILE = "eval_privileged.csv"
 #: The trained model's TrainState, beside final_model/'s weights: what --eval-only reports as train_steps.
 FINAL_STATE_FILE = "craft_bench_state.json"
 #: Fields that --set may not change, and the flag that does.
@@ -95,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=None, help="environment worker processes (default: cores)")
     parser.add_argument("--resume", action="store_true", help="continue existing runs from their last checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="evaluate (the run's trained model if it exists, else the initial one) without training")
+    parser.add_argument("--privileged-eval", action="store_true", help=f"with --method base: also play the evaluation episodes on the teacher prompt (the privileged block shown) into {PRIVILEGED_EVAL_FILE}, the untrained model's success with the privileged context")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory's outputs and start over")
     parser.add_argument("--log", default="csv", help="comma-separated loggers beyond the CSVs: tensorboard, wandb")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -117,6 +120,8 @@ def build_configs(args: argparse.Namespace) -> list[TrainConfig]:
         raise SystemExit(f"error: --seeds must be comma-separated integers, got {args.seeds!r}") from None
     if not seeds:
         raise SystemExit("error: --seeds is empty")
+    if args.privileged_eval and BASE_METHOD not in methods:
+        raise SystemExit(f"error: --privileged-eval evaluates the untrained model on the teacher prompt; it needs --method {BASE_METHOD}")
     if args.eval_only and (args.resume or args.overwrite):
         raise SystemExit("error: --eval-only evaluates an existing run as it is; it cannot be combined with --resume or --overwrite")
     overrides: dict[str, Any] = {"env_id": args.env, "model": args.model}
@@ -240,7 +245,7 @@ def run_name(config: TrainConfig) -> str:
 
 def run_one(
     config: TrainConfig, out: Path, *, resume: bool, eval_only: bool, overwrite: bool, progress: bool,
-    loggers: list[str], dp: DataParallel | None = None,
+    loggers: list[str], dp: DataParallel | None = None, privileged_eval: bool = False,
 ) -> dict[str, Any] | None:
     """Train (unless eval-only), evaluate, write the run's files; returns its leaderboard row (None on the
     data-parallel ranks other than 0, which train but neither write nor evaluate).
@@ -273,7 +278,7 @@ def run_one(
     try:
         if config.method == BASE_METHOD:
             return _evaluate_base(config, run_dir, finished_ok=resume or eval_only, overwrite=overwrite,
-                                  progress=progress)
+                                  progress=progress, privileged=privileged_eval)
         if eval_only:
             return _evaluate_only(config, run_dir, progress=progress)
         if dp.world_size > 1:
@@ -393,14 +398,17 @@ def _evaluate_only(config: TrainConfig, run_dir: Path, *, progress: bool) -> dic
         trainer.close()
 
 
-def _evaluate_base(config: TrainConfig, run_dir: Path, *, finished_ok: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
+def _evaluate_base(config: TrainConfig, run_dir: Path, *, finished_ok: bool, overwrite: bool, progress: bool,
+                   privileged: bool = False) -> dict[str, Any]:
     """`base`: the untrained initial model on the run's evaluation list, into eval.csv and result.csv (train_steps
     0, the initial weights' hash); no optimizer step, no checkpoint, no final_model/. It evaluates through the
     Trainer (with BASE_STAND_IN, never trained), so the base row is measured exactly as every trained row is. A
-    finished base run is reported, not evaluated again, under --resume or --eval-only (nothing could change it)."""
+    finished base run is reported, not evaluated again, under --resume or --eval-only (nothing could change it).
+    With `privileged`, the same episodes are also played on the teacher prompt into eval_privileged.csv (once)."""
     from craft_bench.leaderboard import validate_csv
 
     result = run_dir / RESULT_FILE
+    row = None
     if result.is_file() and finished_ok and not overwrite:
         row = validate_csv(result).to_dict("records")[0]
         # The directory name cannot hold the weights' hash (known only once loaded): a model rebuilt or replaced
@@ -411,16 +419,33 @@ def _evaluate_base(config: TrainConfig, run_dir: Path, *, finished_ok: bool, ove
                 f"error: {result} was measured on initial weights {row['policy_sha256'][:12]}, but --model "
                 f"{config.model} now loads weights {current[:12]}; pass --overwrite to evaluate the new ones"
             )
-        print(f"{run_dir}: the untrained model is already evaluated ({RESULT_FILE}); nothing to do", file=sys.stderr)
-        return row
-    _check_fresh_or_resumed(run_dir, resume=finished_ok, overwrite=overwrite)
+        if not privileged or (run_dir / PRIVILEGED_EVAL_FILE).is_file():
+            print(f"{run_dir}: the untrained model is already evaluated ({RESULT_FILE}); nothing to do", file=sys.stderr)
+            return row
+    else:
+        _check_fresh_or_resumed(run_dir, resume=finished_ok, overwrite=overwrite)
     trainer = _start_trainer(replace(config, method=BASE_STAND_IN, method_options={}), run_dir, progress=progress)
     try:
-        policy_sha256 = _weights_sha256(trainer)
-        write_json_atomic(run_dir / CONFIG_FILE, {**_config_record(config, trainer), "policy_sha256": policy_sha256})
-        return _evaluate_into(config, trainer, run_dir / EVAL_FILE, result, policy_sha256)
+        if row is None:
+            policy_sha256 = _weights_sha256(trainer)
+            write_json_atomic(run_dir / CONFIG_FILE, {**_config_record(config, trainer), "policy_sha256": policy_sha256})
+            row = _evaluate_into(config, trainer, run_dir / EVAL_FILE, result, policy_sha256)
+        if privileged:
+            _evaluate_privileged(trainer, run_dir / PRIVILEGED_EVAL_FILE)
+        return row
     finally:
         trainer.close()
+
+
+def _evaluate_privileged(trainer: Trainer, path: Path) -> None:
+    """The evaluation episodes played on the teacher prompt, into `path`, with a one-line summary on stderr."""
+    records = trainer.evaluate(act_on="teacher")
+    write_text_atomic(path, pd.DataFrame(records).to_csv(index=False))
+    won = sum(bool(r["won"]) for r in records)
+    steps = sum(int(r["steps"]) for r in records)
+    invalid = sum(int(r["invalid_actions"]) for r in records) / max(1, steps)
+    print(f"{path}: on the teacher prompt (privileged block shown) {won}/{len(records)} won "
+          f"(success {won / len(records):.3f}), invalid-action rate {invalid:.3f}", file=sys.stderr)
 
 
 def _initial_weights_sha256(config: TrainConfig, *, progress: bool) -> str:
@@ -603,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for config in configs:
         rows.append(run_one(config, out, resume=args.resume, eval_only=args.eval_only, overwrite=args.overwrite,
-                            progress=not args.no_progress, loggers=loggers, dp=dp))
+                            progress=not args.no_progress, loggers=loggers, dp=dp, privileged_eval=args.privileged_eval))
     if not dp.is_main:
         return 0
     table = _summary(rows)

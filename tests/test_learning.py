@@ -145,3 +145,31 @@ def test_disconnected_teacher_term_is_no_faster_than_grpo(micro_model, tmp_path,
     monkeypatch.setattr(losses, "distill_term", lambda logp, teacher_logp, weight, lam: torch.zeros_like(logp))
     run = train(micro_model, tmp_path, method="sdar", options={"lam": 1.0}, length=4, seed=0, steps=3)
     assert run.after < 0.5, run
+
+
+def test_progress_shaping_enters_the_training_and_evaluation_returns(micro_model, tmp_path):
+    """TrainConfig.progress_reward k adds k x final progress to every return the trainer computes: the training
+    episodes' returns (so the advantages) and each evaluation record's `return`; with k = 0 nothing changes."""
+    from craft_bench.agents.episodes import episode_return
+
+    results = {}
+    for k in (0.0, 3.0):
+        config = TrainConfig(
+            model=str(micro_model), env_id=MICRO_ENV_ID, env_kwargs={"length": 4}, method="grpo", steps=1,
+            tasks_per_step=4, group_size=4, max_turns=4, history_turns=HISTORY_TURNS, max_new_tokens=4,
+            invalid_penalty=0.0, progress_reward=k, eval_episodes=8, eval_temperature=1.0, num_workers=0,
+        )
+        trainer = Trainer(config, tmp_path / f"k{k}", progress=False)
+        try:
+            trainer.train()
+            results[k] = (pd.read_csv(tmp_path / f"k{k}" / METRICS_FILE), trainer.evaluate())
+        finally:
+            trainer.close()
+    (plain, _), (shaped, records) = results[0.0], results[3.0]
+    # The first step samples before any update, so both runs played the same episodes: only the return differs.
+    assert shaped["env/progress_mean"][0] == plain["env/progress_mean"][0] > 0
+    assert shaped["env/return_mean"][0] == pytest.approx(plain["env/return_mean"][0] + 3.0 * plain["env/progress_mean"][0])
+    assert any(0 < r["progress"] < 1 for r in records)
+    for record in records:
+        assert record["return"] == pytest.approx(episode_return(float(record["won"]), record["invalid_actions"], 10.0, 0.0,
+                                                                record["progress"], 3.0))

@@ -27,6 +27,22 @@ def test_episode_returns_reward_success_and_penalise_invalid_actions():
     assert torch.allclose(r, torch.tensor([0.5]))
 
 
+def test_progress_shaping_adds_its_term_and_is_bit_identical_when_off():
+    won, n_invalid = torch.tensor([1, 0, 0]), torch.tensor([0, 3, 2])
+    progress = torch.tensor([1.0, 0.25, 0.5])
+    plain = L.episode_returns(won, n_invalid)
+    assert torch.equal(L.episode_returns(won, n_invalid, progress=progress), plain)  # progress_reward 0: the spec's R
+    shaped = L.episode_returns(won, n_invalid, progress=progress, progress_reward=4.0)
+    assert torch.allclose(shaped, plain + 4.0 * progress)
+    # Siblings that all lose but get differently far now have different returns, so GRPO has a signal.
+    adv = L.grpo_advantages(shaped[1:], torch.tensor([0, 0]))
+    assert adv[1] > 0 > adv[0]
+    with pytest.raises(ValueError, match="progress"):
+        L.episode_returns(won, n_invalid, progress_reward=1.0)
+    with pytest.raises(ValueError, match="progress must have the shape"):
+        L.episode_returns(won, n_invalid, progress=torch.tensor([0.5]), progress_reward=1.0)
+
+
 def test_grpo_advantages_normalise_within_each_group():
     returns = torch.tensor([10.0, 0.0, 0.0, 5.0, 5.0, 7.0])
     group = torch.tensor([0, 0, 0, 1, 1, 2])

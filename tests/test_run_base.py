@@ -146,3 +146,36 @@ def test_resume_of_a_base_run_refuses_a_model_whose_weights_changed(model_dir, t
     assert "was measured on initial weights" in message and "--overwrite" in message
     assert run_main([*argv, "--overwrite"]) == 0
     assert run_main([*argv, "--resume"]) == 0
+
+
+def test_privileged_eval_plays_the_base_episodes_on_the_teacher_prompt_once(base_and_grpo, monkeypatch, capsys):
+    """--privileged-eval on a finished base run adds eval_privileged.csv (the same episodes, acted on the teacher
+    prompt) and leaves the base row as it was; a second call has nothing to do."""
+    from craft_bench.agents.trainer import Trainer
+    from craft_bench.run import PRIVILEGED_EVAL_FILE
+
+    argv, _, dirs = base_and_grpo
+    base_dir = dirs["base", 1]
+    result_before = (base_dir / RESULT_FILE).read_bytes()
+    calls = []
+    original = Trainer.evaluate
+
+    def spy(self, act_on="student"):
+        calls.append(act_on)
+        return original(self, act_on=act_on)
+
+    monkeypatch.setattr(Trainer, "evaluate", spy)
+    only_base = [*argv[: argv.index("--method")], "--method", "base", "--seeds", "1", "--privileged-eval"]
+    capsys.readouterr()
+    assert run_main([*only_base, "--resume"]) == 0
+    assert calls == ["teacher"]
+    assert "on the teacher prompt (privileged block shown)" in capsys.readouterr().err
+    privileged = pd.read_csv(base_dir / PRIVILEGED_EVAL_FILE)
+    assert privileged["task_id"].tolist() == pd.read_csv(base_dir / EVAL_FILE)["task_id"].tolist()
+    assert (base_dir / RESULT_FILE).read_bytes() == result_before
+    assert run_main([*only_base, "--resume"]) == 0
+    assert calls == ["teacher"] and "already evaluated" in capsys.readouterr().err
+
+
+def test_privileged_eval_needs_the_base_method():
+    assert "--privileged-eval evaluates the untrained model" in refused(["--method", "grpo", "--privileged-eval"])

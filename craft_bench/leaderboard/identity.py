@@ -47,7 +47,7 @@ TRAINING_ONLY_SETTINGS: tuple[str, ...] = (
 #: return_mean is computed with them).
 EVALUATION_SETTINGS: tuple[str, ...] = (
     "env_kwargs", "tiny_budget", "max_turns", "history_turns", "max_new_tokens", "eval_episodes", "engine",
-    "vllm_options", "success_reward", "invalid_penalty",
+    "vllm_options", "success_reward", "invalid_penalty", "progress_reward",
 )
 
 
