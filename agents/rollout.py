@@ -10,6 +10,7 @@ of environment workers, which worker holds a slot, or how many rollouts came bef
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -338,9 +339,11 @@ def evaluate_episodes(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Play each task once at `temperature` (0 = greedy) and return one record per episode, in task order:
-    task_id, task_type, won, progress, steps, invalid_actions, env_return, and dataset / task_score when the env reports them. `act_on="teacher"` evaluates the policy
-    on its privileged prompts instead (the teacher's success). `waves` as in `collect_rollouts`; `progress` shows a
-    bar of finished episodes."""
+    task_id, task_type, won, progress, steps, invalid_actions, env_return, `actions` (the episode's actions as sent
+    to the environment, each with whether it was valid: a JSON list of [action, valid] pairs, so what a policy does
+    can be read from eval.csv), and dataset / task_score when the env reports them. `act_on="teacher"` evaluates
+    the policy on its privileged prompts instead (the teacher's success). `waves` as in `collect_rollouts`;
+    `progress` shows a bar of finished episodes."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -363,6 +366,9 @@ def evaluate_episodes(
     finally:
         if bar is not None:
             bar.close()
+    actions: dict[int, list[list[Any]]] = {}
+    for row in batch.rows:  # ordered by (episode_id, turn_idx)
+        actions.setdefault(row.episode_id, []).append([row.action, row.action_valid])
     return [
         {
             "task_id": e.task_id,
@@ -372,6 +378,7 @@ def evaluate_episodes(
             "steps": e.n_steps,
             "invalid_actions": e.n_invalid,
             "env_return": e.env_return,
+            "actions": json.dumps(actions.get(e.episode_id, []), ensure_ascii=False),
             **e.final_info,
         }
         for e in batch.episodes

@@ -3,6 +3,7 @@ reproducibility (also across worker counts), padded tensors, and teacher scoring
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -205,6 +206,16 @@ def test_evaluation_records_one_episode_per_task(runner, tokenizer):
         ("count-3-0", True, 1, 0), ("count-4-1", True, 2, 0)
     ]
     assert records[0]["task_type"] == "count" and records[1]["progress"] == 1.0
+    # What the policy did, per episode, readable from eval.csv: the actions sent and whether each was valid.
+    assert [json.loads(r["actions"]) for r in records] == [[["add 3", True]], [["add 2", True], ["add 2", True]]]
+
+
+def test_evaluation_records_mark_invalid_actions(tokenizer):
+    policy = scripted_policy(tokenizer, [" jump\n", " add 3\n"])
+    with GroupRunner(COUNTER_ENV_ID, num_workers=0) as in_process:
+        (record,) = evaluate_episodes(in_process, policy, ["count-3-0"], temperature=0.0)
+    assert json.loads(record["actions"]) == [["jump", False], ["add 3", True]]
+    assert record["invalid_actions"] == 1
 
 
 def test_evaluation_records_carry_the_dataset_and_score_of_their_episodes_last_info(tokenizer, monkeypatch):
