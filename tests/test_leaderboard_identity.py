@@ -5,6 +5,7 @@ as declared, for trained methods and for the untrained `base` model."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import asdict
 from typing import Any
 
@@ -14,6 +15,7 @@ from craft_bench.agents.trainer import TrainConfig
 from craft_bench.leaderboard.identity import (
     EVALUATION_SETTINGS,
     KEY_SETTINGS,
+    LATER_SETTINGS,
     NEUTRAL_SETTINGS,
     TRAINING_ONLY_SETTINGS,
     config_id,
@@ -97,6 +99,38 @@ def test_neutral_and_key_settings_never_enter_method_config(name):
 
 def test_base_has_no_method_options_and_its_config_holds_only_evaluation_settings():
     config = run_config({**asdict(TrainConfig(lr=1e-3, steps=99)), "method": "base"}, {})
-    assert set(config) == {EVAL_TEMPERATURE, "train"} and set(config["train"]) == set(EVALUATION_SETTINGS)
+    assert set(config) == {EVAL_TEMPERATURE, "train"}
+    assert set(config["train"]) == set(EVALUATION_SETTINGS) - set(LATER_SETTINGS)
+
+
+@pytest.mark.parametrize("name", sorted(LATER_SETTINGS))
+def test_a_later_setting_at_its_legacy_value_keeps_the_ids_of_rows_made_before_it_existed(name):
+    """A setting added after rows were published is left out at the value that reproduces the old behaviour (the
+    id of a config without the field at all), and recorded at any other value."""
+    settings = asdict(TrainConfig())
+    assert settings[name] == LATER_SETTINGS[name], "the default must reproduce the behaviour from before the setting"
+    before = {key: value for key, value in settings.items() if key != name}
+    for method, options in (("craft", METHOD), ("base", {})):
+        assert run_config({**settings, "method": method}, options) == run_config({**before, "method": method}, options)
+        changed = run_config({**settings, "method": method, name: _changed(settings[name])}, options)
+        assert changed["train"][name] == _changed(settings[name])
+
+
+def test_the_committed_leaderboard_ids_are_the_ids_head_computes():
+    """Every entry of leaderboard/submissions is named by the config id that this code computes for its row's
+    settings, so a user who reruns a row's command lands in the same entry."""
+    from pathlib import Path
+
+    from craft_bench.leaderboard.schema import read_table
+
+    files = sorted((Path(__file__).parents[1] / "leaderboard" / "submissions").glob("*.csv"))
+    assert files, "no committed submissions"
+    for path in files:
+        for row in read_table(path).to_dict("records"):
+            recorded = json.loads(row["method_config"])
+            settings = {**recorded["train"], EVAL_TEMPERATURE: recorded[EVAL_TEMPERATURE], "method": row["method"]}
+            options = {k: v for k, v in recorded.items() if k not in ("train", EVAL_TEMPERATURE)}
+            full = {**asdict(TrainConfig()), **settings}
+            assert config_id(run_config(full, options)) == config_id(row["method_config"]) in path.name, path.name
     with pytest.raises(ValueError, match="has no options"):
         run_config({**asdict(TrainConfig()), "method": "base"}, {"lam": 0.01})

@@ -10,7 +10,7 @@ from typing import Any
 from craft_bench.leaderboard.schema import BASE_METHOD, EVAL_TEMPERATURE, config_id
 
 __all__ = [
-    "EVALUATION_SETTINGS", "KEY_SETTINGS", "NEUTRAL_SETTINGS", "TRAINING_ONLY_SETTINGS", "config_id", "run_config",
+    "EVALUATION_SETTINGS", "KEY_SETTINGS", "LATER_SETTINGS", "NEUTRAL_SETTINGS", "TRAINING_ONLY_SETTINGS", "config_id", "run_config",
     "undeclared_settings", "weights_sha256",
 ]
 
@@ -51,6 +51,12 @@ EVALUATION_SETTINGS: tuple[str, ...] = (
 )
 
 
+#: Settings added after rows were published, each with the value that reproduces the results from before it existed.
+#: At that value a setting is left out of the configuration, so every earlier run and leaderboard row keeps its id;
+#: any other value is recorded like every setting. (It must still be declared in one of the groups above.)
+LATER_SETTINGS: dict[str, Any] = {"progress_reward": 0.0}
+
+
 def undeclared_settings(names: Iterable[str]) -> list[str]:
     """The names (TrainConfig fields) that none of KEY_SETTINGS, NEUTRAL_SETTINGS, TRAINING_ONLY_SETTINGS and
     EVALUATION_SETTINGS declares, sorted: each is recorded (assumed to change results) until it is declared."""
@@ -78,7 +84,8 @@ def run_config(settings: Mapping[str, Any], method_config: Mapping[str, Any]) ->
         if method_config:
             raise ValueError(f"method {BASE_METHOD!r} (the untrained model) has no options, got {dict(method_config)}")
         skipped |= set(TRAINING_ONLY_SETTINGS)
-    train = {name: value for name, value in settings.items() if name not in skipped}
+    train = {name: value for name, value in settings.items()
+             if name not in skipped and not (name in LATER_SETTINGS and value == LATER_SETTINGS[name])}
     return {**method_config, EVAL_TEMPERATURE: settings[EVAL_TEMPERATURE], "train": train}
 
 
