@@ -378,7 +378,7 @@ def evaluate_episodes(
             "steps": e.n_steps,
             "invalid_actions": e.n_invalid,
             "env_return": e.env_return,
-            "actions": json.dumps(actions.get(e.episode_id, []), ensure_ascii=False),
+            "actions": json.dumps(actions.get(e.episode_id, [])),
             **e.final_info,
         }
         for e in batch.episodes

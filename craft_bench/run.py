@@ -39,6 +39,7 @@ from craft_bench.agents.checkpoint import (
     load_checkpoint,
 )
 from craft_bench.agents.distributed import DataParallel
+from craft_bench.agents.episodes import invalid_rate
 from craft_bench.agents.methods import METHOD_NAMES, make_method
 from craft_bench.agents.policy import count_parameters
 from craft_bench.agents.presets import PRESET_NAMES, preset_values
@@ -311,7 +312,7 @@ def _tell_ranks(dp: DataParallel, verdict: str | None) -> None:
 
 
 #: Everything a training run writes, removed by --overwrite (eval_only files and loggers' folders stay).
-TRAINING_OUTPUTS = (CONFIG_FILE, METRICS_FILE, EVAL_FILE, RESULT_FILE, CHECKPOINT_FILE, digest_path(CHECKPOINT_FILE).name, FINAL_MODEL_DIR)
+TRAINING_OUTPUTS = (CONFIG_FILE, METRICS_FILE, EVAL_FILE, RESULT_FILE, PRIVILEGED_EVAL_FILE, CHECKPOINT_FILE, digest_path(CHECKPOINT_FILE).name, FINAL_MODEL_DIR)
 
 
 def _check_fresh_or_resumed(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -442,8 +443,7 @@ def _evaluate_privileged(trainer: Trainer, path: Path) -> None:
     records = trainer.evaluate(act_on="teacher")
     write_text_atomic(path, pd.DataFrame(records).to_csv(index=False))
     won = sum(bool(r["won"]) for r in records)
-    steps = sum(int(r["steps"]) for r in records)
-    invalid = sum(int(r["invalid_actions"]) for r in records) / max(1, steps)
+    invalid = invalid_rate([r["invalid_actions"] for r in records], [r["steps"] for r in records])
     print(f"{path}: on the teacher prompt (privileged block shown) {won}/{len(records)} won "
           f"(success {won / len(records):.3f}), invalid-action rate {invalid:.3f}", file=sys.stderr)
 
@@ -542,7 +542,7 @@ def _result_fields(config: TrainConfig, trainer: Trainer, records: list[dict[str
         "progress_mean": sum(float(r["progress"]) for r in records) / n,
         "return_mean": sum(float(r["return"]) for r in records) / n,
         "steps_mean": sum(float(r["steps"]) for r in records) / n,
-        "invalid_action_rate": sum(r["invalid_actions"] for r in records) / max(1, sum(r["steps"] for r in records)),
+        "invalid_action_rate": invalid_rate([r["invalid_actions"] for r in records], [r["steps"] for r in records]),
         "per_task_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
         "wall_clock_s": round(state.wall_clock_s + eval_s, 3),
         "env_steps_per_s": round(state.env_steps / state.env_time_s, 3) if state.env_time_s > 0 else 0.0,

@@ -5,6 +5,7 @@ step counting, termination, and the `info` dict with its privileged channel for 
 from __future__ import annotations
 
 import copy
+import math
 import re
 import string
 import unicodedata
@@ -275,7 +276,10 @@ class TextAgentEnv(gym.Env[str, str], ABC):
         if valid:
             result = self._engine_step(command)
             feedback = result.feedback
-            self._progress = float(min(max(result.progress, 0.0), 1.0))
+            progress = float(result.progress)
+            if not math.isfinite(progress):  # a NaN would pass the clamp below and poison every shaped return
+                raise ValueError(f"{type(self).__name__}._engine_step returned progress={progress}; it must be a finite number in [0, 1]")
+            self._progress = min(max(progress, 0.0), 1.0)
             if result.won and not self._won:
                 reward = 1.0
             self._won = self._won or result.won

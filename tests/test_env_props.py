@@ -203,3 +203,16 @@ def test_normalize_action_ignores_case_spacing_and_final_punctuation(words, spac
 @pytest.mark.skipif(not os.environ.get("ALFWORLD_DATA"), reason="set $ALFWORLD_DATA to include craft/ALFWorld-v0")
 def test_the_official_alfworld_id_is_covered_when_its_data_is_here():
     assert make_env("craft/ALFWorld-v0").task_ids
+
+
+def test_a_non_finite_progress_from_an_engine_is_an_error_naming_it(monkeypatch):
+    """The clamp to [0, 1] lets NaN through; shaped returns (progress_reward) would then be NaN, so it is refused."""
+    from fake_envs import COUNTER_ENV_ID, CounterEnv
+
+    from craft_bench.envs.base import EngineStep
+
+    monkeypatch.setattr(CounterEnv, "_engine_step", lambda self, action: EngineStep("ok", False, False, math.nan))
+    env = gym.make(COUNTER_ENV_ID).unwrapped
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="progress=nan"):
+        env.step("add 1")

@@ -101,6 +101,8 @@ def test_base_has_no_method_options_and_its_config_holds_only_evaluation_setting
     config = run_config({**asdict(TrainConfig(lr=1e-3, steps=99)), "method": "base"}, {})
     assert set(config) == {EVAL_TEMPERATURE, "train"}
     assert set(config["train"]) == set(EVALUATION_SETTINGS) - set(LATER_SETTINGS)
+    with pytest.raises(ValueError, match="has no options"):
+        run_config({**asdict(TrainConfig()), "method": "base"}, {"lam": 0.01})
 
 
 @pytest.mark.parametrize("name", sorted(LATER_SETTINGS))
@@ -118,19 +120,19 @@ def test_a_later_setting_at_its_legacy_value_keeps_the_ids_of_rows_made_before_i
 
 def test_the_committed_leaderboard_ids_are_the_ids_head_computes():
     """Every entry of leaderboard/submissions is named by the config id that this code computes for its row's
-    settings, so a user who reruns a row's command lands in the same entry."""
+    settings (through the harness's own `run_id`, so the method's resolved options count too), so a user who reruns a
+    row's command lands in the same entry."""
     from pathlib import Path
 
     from craft_bench.leaderboard.schema import read_table
+    from craft_bench.run import run_id
 
     files = sorted((Path(__file__).parents[1] / "leaderboard" / "submissions").glob("*.csv"))
     assert files, "no committed submissions"
     for path in files:
         for row in read_table(path).to_dict("records"):
             recorded = json.loads(row["method_config"])
-            settings = {**recorded["train"], EVAL_TEMPERATURE: recorded[EVAL_TEMPERATURE], "method": row["method"]}
             options = {k: v for k, v in recorded.items() if k not in ("train", EVAL_TEMPERATURE)}
-            full = {**asdict(TrainConfig()), **settings}
-            assert config_id(run_config(full, options)) == config_id(row["method_config"]) in path.name, path.name
-    with pytest.raises(ValueError, match="has no options"):
-        run_config({**asdict(TrainConfig()), "method": "base"}, {"lam": 0.01})
+            config = TrainConfig(**{**recorded["train"], EVAL_TEMPERATURE: recorded[EVAL_TEMPERATURE],
+                                    "method": row["method"], "method_options": options})
+            assert run_id(config) == config_id(row["method_config"]) and run_id(config) in path.name, path.name

@@ -147,11 +147,20 @@ def test_disconnected_teacher_term_is_no_faster_than_grpo(micro_model, tmp_path,
     assert run.after < 0.5, run
 
 
-def test_progress_shaping_enters_the_training_and_evaluation_returns(micro_model, tmp_path):
-    """TrainConfig.progress_reward k adds k x final progress to every return the trainer computes: the training
-    episodes' returns (so the advantages) and each evaluation record's `return`; with k = 0 nothing changes."""
+def test_progress_shaping_enters_the_training_and_evaluation_returns(micro_model, tmp_path, monkeypatch):
+    """TrainConfig.progress_reward k adds k x final progress to every return the trainer computes: the returns the
+    advantages are made of, the step's summary and each evaluation record's `return`; with k = 0 nothing changes."""
     from craft_bench.agents.episodes import episode_return
 
+    advantage_inputs = {}
+    original = losses.episode_returns
+
+    def recording(won, n_invalid, success_reward, invalid_penalty, progress=None, progress_reward=0.0):
+        returns = original(won, n_invalid, success_reward, invalid_penalty, progress, progress_reward)
+        advantage_inputs[progress_reward] = (won.float(), progress, returns)
+        return returns
+
+    monkeypatch.setattr(losses, "episode_returns", recording)
     results = {}
     for k in (0.0, 3.0):
         config = TrainConfig(
@@ -170,6 +179,9 @@ def test_progress_shaping_enters_the_training_and_evaluation_returns(micro_model
     assert shaped["env/progress_mean"][0] == plain["env/progress_mean"][0] > 0
     assert shaped["env/return_mean"][0] == pytest.approx(plain["env/return_mean"][0] + 3.0 * plain["env/progress_mean"][0])
     assert any(0 < r["progress"] < 1 for r in records)
+    won, progress, returns = advantage_inputs[3.0]
+    assert torch.equal(advantage_inputs[0.0][2], 10.0 * won)  # unshaped: the spec's return (no invalid penalty here)
+    assert ((progress > 0) & (progress < 1)).any() and torch.allclose(returns, 10.0 * won + 3.0 * progress)
     for record in records:
         assert record["return"] == pytest.approx(episode_return(float(record["won"]), record["invalid_actions"], 10.0, 0.0,
                                                                 record["progress"], 3.0))

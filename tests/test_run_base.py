@@ -40,7 +40,8 @@ def test_the_base_run_ignores_training_only_settings(extra):
 @pytest.mark.parametrize("extra", [("--set", "max_new_tokens=9"), ("--set", "eval_episodes=5"),
                                    ("--set", "eval_temperature=0.5"), ("--set", "max_turns=4"),
                                    ("--set", "history_turns=1"), ("--set", "tiny_budget=\"test\""),
-                                   ("--set", "env_kwargs={\"topk\": 5}"), ("--env", "craft/TextWorld-v0"),
+                                   ("--set", "env_kwargs={\"topk\": 5}"), ("--set", "progress_reward=5"),
+                                   ("--env", "craft/TextWorld-v0"),
                                    ("--seeds", "1")])
 def test_the_base_run_depends_on_every_setting_that_changes_evaluation(extra):
     assert _base_name(*extra) != _base_name()
@@ -144,8 +145,13 @@ def test_resume_of_a_base_run_refuses_a_model_whose_weights_changed(model_dir, t
     random_llama(len(AutoTokenizer.from_pretrained(model)), seed=1).save_pretrained(model)
     message = refused([*argv, "--resume"])
     assert "was measured on initial weights" in message and "--overwrite" in message
-    assert run_main([*argv, "--overwrite"]) == 0
+    assert run_main([*argv, "--overwrite", "--privileged-eval"]) == 0
+    assert (tmp_path / "runs" / run_name(build_configs(parse_args(argv))[0]) / "eval_privileged.csv").is_file()
     assert run_main([*argv, "--resume"]) == 0
+    # Other weights again: --overwrite must not leave the old weights' privileged evaluation beside the new row.
+    random_llama(len(AutoTokenizer.from_pretrained(model)), seed=2).save_pretrained(model)
+    assert run_main([*argv, "--overwrite"]) == 0
+    assert not (tmp_path / "runs" / run_name(build_configs(parse_args(argv))[0]) / "eval_privileged.csv").exists()
 
 
 def test_privileged_eval_plays_the_base_episodes_on_the_teacher_prompt_once(base_and_grpo, monkeypatch, capsys):
