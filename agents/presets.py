@@ -24,8 +24,8 @@ CPU_PRESET: dict[str, Any] = {
     "eval_episodes": 96,
     "eval_temperature": 1.0,
     # How the step is computed (results equal up to float rounding; docs/benchmarks.md measures each): θ_old from the
-    # sampler wherever the sampler is the policy (temperature 1), env steps of one wave overlapping the other wave's generation on one torch thread, then every core
-    # for scoring and the update.
+    # sampler wherever the sampler is the policy (temperature 1), env steps of one wave overlapping the other wave's
+    # generation on one torch thread, then every core for scoring and the update.
     "old_logprobs": "auto",
     "rollout_waves": 2,
     "rollout_threads": 1,

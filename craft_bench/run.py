@@ -412,30 +412,35 @@ def _evaluate_base(config: TrainConfig, run_dir: Path, *, finished_ok: bool, ove
     row = None
     if result.is_file() and finished_ok and not overwrite:
         row = validate_csv(result).to_dict("records")[0]
-        # The directory name cannot hold the weights' hash (known only once loaded): a model rebuilt or replaced
-        # under the same name must not inherit the old row.
-        current = _initial_weights_sha256(config, progress=progress)
-        if row["policy_sha256"] != current:
-            raise SystemExit(
-                f"error: {result} was measured on initial weights {row['policy_sha256'][:12]}, but --model "
-                f"{config.model} now loads weights {current[:12]}; pass --overwrite to evaluate the new ones"
-            )
         if not privileged or (run_dir / PRIVILEGED_EVAL_FILE).is_file():
+            _check_base_weights(row, _initial_weights_sha256(config, progress=progress), config, result)
             print(f"{run_dir}: the untrained model is already evaluated ({RESULT_FILE}); nothing to do", file=sys.stderr)
             return row
     else:
         _check_fresh_or_resumed(run_dir, resume=finished_ok, overwrite=overwrite)
     trainer = _start_trainer(replace(config, method=BASE_STAND_IN, method_options={}), run_dir, progress=progress)
     try:
+        policy_sha256 = _weights_sha256(trainer)
         if row is None:
-            policy_sha256 = _weights_sha256(trainer)
             write_json_atomic(run_dir / CONFIG_FILE, {**_config_record(config, trainer), "policy_sha256": policy_sha256})
             row = _evaluate_into(config, trainer, run_dir / EVAL_FILE, result, policy_sha256)
+        else:  # only the privileged evaluation is missing: the trainer's own weights are checked, not loaded twice
+            _check_base_weights(row, policy_sha256, config, result)
         if privileged:
             _evaluate_privileged(trainer, run_dir / PRIVILEGED_EVAL_FILE)
         return row
     finally:
         trainer.close()
+
+
+def _check_base_weights(row: dict[str, Any], current: str, config: TrainConfig, result: Path) -> None:
+    """A finished base row stands only for the weights it was measured on. The directory name cannot hold the
+    weights' hash (known only once loaded): a model rebuilt or replaced under the same name must not inherit it."""
+    if row["policy_sha256"] != current:
+        raise SystemExit(
+            f"error: {result} was measured on initial weights {row['policy_sha256'][:12]}, but --model "
+            f"{config.model} now loads weights {current[:12]}; pass --overwrite to evaluate the new ones"
+        )
 
 
 def _evaluate_privileged(trainer: Trainer, path: Path) -> None:
