@@ -72,6 +72,22 @@ PAPER_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 0.5 to 0 over SDAR's 100 warm-down steps. Every other method term stays at the spec's defaults (SDAR: λ = 0.01,
 β = 5; Skill-SD: c = 0.001, exp(-ℓ) capped at e^20 always; CRAFT's ours-marked choices)."""
 
+SEARCH_QA_TURNS = {"max_turns": 4}
+"""Search-QA's episode: SDAR's Search environment allows 4 turns (search, search, search, answer)."""
+
+ENV_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "cpu": {
+        "craft/SearchQAGen-v0": SEARCH_QA_TURNS,
+        "craft/SearchQA-v0": SEARCH_QA_TURNS,
+        # A WebShop search repeats most of the instruction: about 40 tiny-model tokens, so 24 would cut it.
+        "craft/WebShopGen-v0": {"max_new_tokens": 64},
+        "craft/WebShop-v0": {"max_new_tokens": 64},
+    },
+    "paper": {"craft/SearchQAGen-v0": SEARCH_QA_TURNS, "craft/SearchQA-v0": SEARCH_QA_TURNS},
+}
+"""Per-environment settings of each preset on top of its common ones (WebShop keeps the presets' 15 turns, its
+verl-agent episode cap)."""
+
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
     "cpu": (CPU_PRESET, CPU_METHOD_OPTIONS),
     "paper": (PAPER_PRESET, PAPER_METHOD_OPTIONS),
@@ -79,12 +95,13 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
 
 
-def preset_values(name: str, method: str) -> dict[str, Any]:
-    """TrainConfig overrides of preset `name` for `method`, its `method_options` included (a fresh deep copy)."""
+def preset_values(name: str, method: str, env_id: str | None = None) -> dict[str, Any]:
+    """TrainConfig overrides of preset `name` for `method` on `env_id` (its `ENV_OVERRIDES` applied), its
+    `method_options` included (a fresh deep copy)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESET_NAMES)}")
     common, per_method = PRESETS[name]
-    values = copy.deepcopy(common)
+    values = copy.deepcopy({**common, **ENV_OVERRIDES[name].get(env_id or "", {})})
     values["method_options"] = {**values.get("method_options", {}), **copy.deepcopy(per_method.get(method, {}))}
     return values
 

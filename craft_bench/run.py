@@ -160,7 +160,7 @@ def build_configs(args: argparse.Namespace) -> list[TrainConfig]:
     configs = []
     for seed in seeds:
         for method in methods:
-            values = preset_values(args.preset, method)
+            values = preset_values(args.preset, method, overrides["env_id"])
             # Preset options, then --set method_options={...}, then each --option: the most specific wins. The
             # untrained model has none (the preset's other settings, its evaluation protocol, still apply).
             options = {**values.pop("method_options", {}), **set_options, **cli_options}

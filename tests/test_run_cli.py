@@ -121,6 +121,20 @@ def test_method_options_change_the_run_directory_and_worker_count_does_not():
     assert _name("--seeds", "1").replace("__s1", "__s0") == _name()
 
 
+def test_presets_carry_each_environments_own_turn_cap_and_reply_length():
+    def config(*extra: str):
+        (only,) = build_configs(parse_args(["--method", "grpo", *extra]))
+        return only
+
+    alfworld, search, shop = (config("--env", env) for env in
+                              ("craft/ALFWorldGen-v0", "craft/SearchQAGen-v0", "craft/WebShopGen-v0"))
+    assert (alfworld.max_turns, alfworld.max_new_tokens) == (15, 24)
+    assert (search.max_turns, search.max_new_tokens) == (4, 24)  # SDAR's Search episode
+    assert (shop.max_turns, shop.max_new_tokens) == (15, 64)  # a search query repeats the instruction
+    assert config("--env", "craft/SearchQAGen-v0", "--preset", "paper").max_turns == 4
+    assert config("--env", "craft/SearchQAGen-v0", "--set", "max_turns=6").max_turns == 6  # --set still wins
+
+
 # ---------------------------------------------------------------------------------------------------- one run per dir
 def test_a_second_run_into_a_locked_run_directory_is_refused_naming_the_holder(model_dir, tmp_path):
     argv = small_args(model_dir, tmp_path, "--method", "grpo", "--steps", "1")

@@ -276,3 +276,19 @@ def test_the_shipped_default_models_match_their_pins():
     for key in pins:
         env_dir, name = key.split("/")
         assert build_module.shipped_model(env_dir, name) == build_module.SHIPPED_DIR / env_dir / name
+
+
+def test_default_budget_means_each_environments_own_measured_budget(built, monkeypatch):
+    from craft_bench.agents.tiny.budget import ENV_DEFAULT_BUDGETS, env_budget_name
+
+    assert env_budget_name("default", "craft/SearchQAGen-v0") == "searchqa"
+    assert env_budget_name("default", "craft/WebShopGen-v0") == "webshop"
+    assert env_budget_name("default", "craft/ALFWorldGen-v0") == "default"
+    assert env_budget_name("smoke", "craft/SearchQAGen-v0") == "smoke"
+    assert set(ENV_DEFAULT_BUDGETS.values()) <= set(tiny.BUDGETS)
+    # tiny_model_path builds (and names) the mapped budget: "default" of an env mapped to "test" is the test build.
+    home, path = built
+    monkeypatch.setenv("CRAFT_BENCH_HOME", str(home))
+    monkeypatch.setitem(ENV_DEFAULT_BUDGETS, PICK_PLACE_ENV_ID, "test")
+    monkeypatch.setattr(build_module, "build_tiny_model", lambda *a, **k: pytest.fail("rebuilt instead of reused"))
+    assert tiny.tiny_model_path(PICK_PLACE_ENV_ID, seed=0, budget="default", progress=False) == path

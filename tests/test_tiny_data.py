@@ -7,12 +7,15 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from fake_envs import PICK_PLACE_ENV_ID, QUIZ_ENV_ID, PickPlaceEnv
 
 from craft_bench.agents.prompts import format_response
-from craft_bench.agents.tiny import BUDGETS
+from craft_bench.agents.tiny import BUDGETS, TinyShape, make_model
+from craft_bench.agents.tiny.budget import LATER_FIELDS
+from craft_bench.agents.tiny.build import build_key, key_fields
 from craft_bench.agents.tiny.data import collect_expert_records, malformed, perturbation
-from craft_bench.agents.tiny.sft import make_examples
+from craft_bench.agents.tiny.sft import TokenizedExample, collate, make_examples, reply_loss
 
 TEST = BUDGETS["test"]
 
@@ -97,3 +100,31 @@ def test_examples_mix_teacher_and_student_formats():
 def test_an_unknown_split_is_an_error_naming_it():
     with pytest.raises(ValueError, match="unknown split 'nope'"):
         collect_expert_records(PICK_PLACE_ENV_ID, TEST, seed=0, split="nope", progress=False)
+
+
+def test_the_prompt_loss_adds_the_weighted_cross_entropy_of_every_prompt_token_after_the_first():
+    model = make_model(TinyShape(16, 32, 1, 2, 64), 50, torch.Generator().manual_seed(0))
+    examples = [TokenizedExample((3, 4, 5, 6), (7, 8)), TokenizedExample((9, 10), (11, 12, 13))]
+    batch = collate(examples, pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+    def mean_ce(pairs):  # (row, position predicting the next token)
+        return torch.stack([
+            torch.nn.functional.cross_entropy(logits[r, t], batch["input_ids"][r, t + 1]) for r, t in pairs
+        ]).mean()
+
+    reply = mean_ce([(0, 3), (0, 4), (1, 1), (1, 2), (1, 3)])
+    prompt = mean_ce([(0, 0), (0, 1), (0, 2), (1, 0)])  # padding and reply targets are never prompt targets
+    with torch.no_grad():
+        assert torch.allclose(reply_loss(model, batch), reply, atol=1e-6)
+        assert torch.allclose(reply_loss(model, batch, 0.5), reply + 0.5 * prompt, atol=1e-6)
+
+
+def test_a_budget_field_added_later_keeps_older_cache_keys_at_its_legacy_value():
+    assert "prompt_loss_weight" not in key_fields(TEST) and LATER_FIELDS["prompt_loss_weight"] == 0.0
+    weighted = dataclasses.replace(TEST, prompt_loss_weight=1.0)
+    assert key_fields(weighted)["prompt_loss_weight"] == 1.0
+    assert build_key(PICK_PLACE_ENV_ID, 0, weighted) != build_key(PICK_PLACE_ENV_ID, 0, TEST)
+    with pytest.raises(ValueError, match="prompt_loss_weight"):
+        dataclasses.replace(TEST, prompt_loss_weight=-1.0)

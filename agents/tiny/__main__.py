@@ -29,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budget", default="default", choices=sorted(BUDGETS))
     parser.add_argument("--eval", type=int, default=0, metavar="N", help="evaluate on N tasks of --split, both prompts")
     parser.add_argument("--split", default="valid", help="held-out split of --eval")
-    parser.add_argument("--max-steps", type=int, default=50, help="episode cap of --eval")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="episode cap of --eval (default: the environment's own)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--workers", type=int, default=None,
                         help="environment processes (default: one per core, at most 4; 0: in this process)")

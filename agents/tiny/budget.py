@@ -12,6 +12,11 @@ from craft_bench.agents.tiny.model import TinyShape
 RECIPE_VERSION = "3"
 
 
+#: Budget fields added after models were built and shipped, with the value that reproduces the older recipe: at that
+#: value a field stays out of the cache key, so every older build keeps its key (and a shipped model its pin).
+LATER_FIELDS: dict[str, object] = {"prompt_loss_weight": 0.0}
+
+
 @dataclass(frozen=True)
 class TinyBudget:
     """Every setting of a tiny-model build; all of them go into the cache key."""
@@ -45,6 +50,10 @@ class TinyBudget:
     lr: float = 1e-3
     warmup_frac: float = 0.05
     weight_decay: float = 0.01
+    prompt_loss_weight: float = 0.0
+    """Weight of a language-modelling loss on the prompt tokens, added to the reply loss. Prompts repeat the names
+    they hold (a question's entity in the retrieved passages, a product in its page), so predicting them trains the
+    copying that replies need, at almost no extra cost: the forward pass over the prompt is paid anyway."""
 
     def __post_init__(self) -> None:
         for name in ("n_train_tasks", "max_episode_steps", "vocab_size", "hidden_size", "intermediate_size",
@@ -55,6 +64,8 @@ class TinyBudget:
             raise ValueError("TinyBudget.clean_per_task and perturbed_per_task must be >= 0")
         if self.clean_per_task + self.perturbed_per_task < 1:
             raise ValueError("TinyBudget needs at least one episode per task (clean_per_task + perturbed_per_task)")
+        if not 0.0 <= self.prompt_loss_weight < float("inf"):
+            raise ValueError(f"TinyBudget.prompt_loss_weight must be finite and >= 0, got {self.prompt_loss_weight}")
         for name in ("perturb_prob", "invalid_share", "teacher_fraction", "warmup_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"TinyBudget.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -90,7 +101,37 @@ BUDGETS: dict[str, TinyBudget] = {
         n_train_tasks=384, max_episode_steps=20, teacher_fraction=0.8, vocab_size=1024, hidden_size=128,
         intermediate_size=256, num_layers=2, num_heads=4, max_positions=1024, epochs=16.0, batch_size=16, lr=2e-3,
     ),
+    # craft/SearchQAGen-v0 (docs/tiny_models.md): an episode is 2-3 expert steps (search each hop, then answer); the
+    # teacher block holds the gold passages and the answer, which the student must find by searching and copying.
+    "searchqa": TinyBudget(
+        n_train_tasks=1024, max_episode_steps=8, history_turns=1, teacher_fraction=0.5, vocab_size=1024,
+        hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, max_positions=1024, epochs=10.0,
+        batch_size=16, lr=2e-3, prompt_loss_weight=1.0,
+    ),
+    # craft/WebShopGen-v0 (docs/tiny_models.md): an episode is about 4 expert steps (search, open a product, pick its
+    # options, buy); the teacher block names the target product, its options and the price bound. Result pages are
+    # long, hence 2048 positions.
+    "webshop": TinyBudget(
+        n_train_tasks=512, max_episode_steps=15, history_turns=1, teacher_fraction=0.5, vocab_size=1024,
+        hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, max_positions=2048, epochs=8.0,
+        batch_size=16, lr=2e-3, prompt_loss_weight=1.0,
+    ),
 }
+
+
+ENV_DEFAULT_BUDGETS: dict[str, str] = {
+    "craft/SearchQAGen-v0": "searchqa",
+    "craft/WebShopGen-v0": "webshop",
+}
+"""What `budget="default"` builds for an environment other than ALFWorldGen: the budget measured for it (the
+teacher beats the student, docs/tiny_models.md). Environments not listed build the `default` budget itself."""
+
+
+def env_budget_name(budget: str | TinyBudget, env_id: str) -> str | TinyBudget:
+    """`budget` with "default" replaced by `env_id`'s own default budget (`ENV_DEFAULT_BUDGETS`), else unchanged."""
+    if isinstance(budget, str) and budget == "default":
+        return ENV_DEFAULT_BUDGETS.get(env_id, budget)
+    return budget
 
 
 def resolve_budget(budget: str | TinyBudget) -> TinyBudget:

@@ -22,7 +22,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from craft_bench.agents.prompts import PromptConfig
-from craft_bench.agents.tiny.budget import RECIPE_VERSION, TinyBudget, resolve_budget
+from craft_bench.agents.tiny.budget import LATER_FIELDS, RECIPE_VERSION, TinyBudget, env_budget_name, resolve_budget
 from craft_bench.agents.tiny.data import ExpertRecord, collect_expert_records
 from craft_bench.agents.tiny.model import count_parameters, make_model
 from craft_bench.agents.tiny.sft import make_examples, tokenize_examples, train_model
@@ -137,6 +137,15 @@ def _percentiles(lengths: Sequence[int]) -> dict[str, int]:
     return {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 95, 100)}
 
 
+def key_fields(budget: TinyBudget) -> dict[str, Any]:
+    """The budget's fields that enter the cache key: all of them, except a field of `LATER_FIELDS` at its legacy
+    value (so that adding a field never changes the key of a model built before it existed)."""
+    return {
+        name: value for name, value in dataclasses.asdict(budget).items()
+        if not (name in LATER_FIELDS and value == LATER_FIELDS[name])
+    }
+
+
 def build_key(
     env_id: str, seed: int, budget: TinyBudget, env_fingerprint: dict[str, Any] | None = None,
     env_kwargs: dict[str, Any] | None = None,
@@ -145,7 +154,7 @@ def build_key(
     seed, budget, recipe and craft-bench versions."""
     settings = {
         "env_id": env_id, "env_kwargs": dict(env_kwargs or {}), "env": env_fingerprint or {}, "seed": seed,
-        "budget": dataclasses.asdict(budget), "recipe": RECIPE_VERSION, "craft_bench": _package_version(),
+        "budget": key_fields(budget), "recipe": RECIPE_VERSION, "craft_bench": _package_version(),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -183,7 +192,8 @@ def tiny_model_path(
 ) -> Path:
     """The directory of the tiny model for (env, env kwargs, seed, budget): the one shipped with craft-bench when
     there is one for exactly this key (`SHIPPED_DIR`, hash-pinned in `SHIPPED_PINS`), else built on first use and
-    then loaded from the cache. `shipped=False` always uses (or builds) the cache's own: a rebuilt model is a
+    then loaded from the cache. `budget="default"` builds the environment's own default budget where it has one
+    (`budget.ENV_DEFAULT_BUDGETS`). `shipped=False` always uses (or builds) the cache's own: a rebuilt model is a
     different model, with another weights hash. These are also the keys of `tiny_options`
     (`Policy.from_pretrained("tiny", tiny_options=...)`).
 
@@ -196,6 +206,7 @@ def tiny_model_path(
         raise TypeError(f"env_kwargs must be a dict of env constructor arguments, got {type(env_kwargs).__name__}")
     # The data is always collected on the train split with the budget's episode cap.
     env_kwargs = {k: v for k, v in (env_kwargs or {}).items() if k not in ("split", "max_steps")}
+    budget = env_budget_name(budget, env_id)
     resolved = resolve_budget(budget)
     key = build_key(env_id, seed, resolved, env_fingerprint(env_id, env_kwargs), env_kwargs)
     name = f"{budget if isinstance(budget, str) else 'custom'}-seed{seed}-{key}"

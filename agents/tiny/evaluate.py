@@ -39,21 +39,24 @@ def evaluate_success(
     split: str = "valid",
     n_episodes: int = 50,
     with_privileged: bool = False,
-    max_steps: int = 50,
+    max_steps: int | None = None,
     batch_size: int = 32,
     workers: int | None = None,
     progress: bool = True,
     env_kwargs: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Greedy success of a model on a fixed task list of `split` (`evaluation_task_ids`), one episode per task;
-    with `with_privileged` the model acts on its teacher prompt. `workers=0` runs the envs in this process."""
+    with `with_privileged` the model acts on its teacher prompt. `max_steps=None` keeps the environment's own episode
+    cap. `workers=0` runs the envs in this process."""
     try:
         prompt_config = PromptConfig(**load_metadata(model_path)["prompt_config"])
     except FileNotFoundError:
         prompt_config = PromptConfig()
     policy = Policy.from_pretrained(str(model_path), max_batch_size=batch_size, prompt_config=prompt_config)
     started = time.perf_counter()
-    env_kwargs = {**(env_kwargs or {}), "split": split, "max_steps": max_steps}
+    env_kwargs = {**(env_kwargs or {}), "split": split}
+    if max_steps is not None:  # else the environment's own cap (ALFWorld 50, Search-QA 4, WebShop 15)
+        env_kwargs["max_steps"] = max_steps
     tasks = evaluation_task_ids(split_task_ids(env_id, split, env_kwargs), n_episodes)
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(tasks), desc=f"eval {env_id}:{split} privileged={with_privileged}", disable=not progress)

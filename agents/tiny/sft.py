@@ -85,20 +85,30 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torc
     return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
 
 
-def reply_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the reply tokens; the LM head runs on the reply positions only (prompts are long)."""
+def reply_loss(model, batch: dict[str, torch.Tensor], prompt_loss_weight: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of the reply tokens, plus `prompt_loss_weight` x the mean cross-entropy of the prompt
+    tokens after the first. At weight 0 the LM head runs on the reply positions only (prompts are long)."""
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     mask = batch["target_mask"]
     logits = model.lm_head(hidden[mask])
     targets = batch["input_ids"][:, 1:][mask[:, :-1]]
-    return torch.nn.functional.cross_entropy(logits.float(), targets)
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+    if prompt_loss_weight == 0.0:
+        return loss
+    # Position t predicts token t+1: every real position before the first reply target predicts a prompt token.
+    before_reply = batch["attention_mask"].bool() & ~mask & (mask.long().cumsum(dim=1) == 0)
+    before_reply[:, -1] = False
+    prompt_logits = model.lm_head(hidden[before_reply])
+    prompt_targets = batch["input_ids"][:, 1:][before_reply[:, :-1]]
+    return loss + prompt_loss_weight * torch.nn.functional.cross_entropy(prompt_logits.float(), prompt_targets)
 
 
 def train_model(
     model, examples: Sequence[TokenizedExample], budget: TinyBudget, pad_id: int, generator: torch.Generator,
     progress: bool = True,
 ) -> list[float]:
-    """Supervised fine-tuning on the reply tokens: AdamW, linear warm-up then cosine decay, gradient clipping at 1.
+    """Supervised fine-tuning on the reply tokens (and the prompt tokens at `budget.prompt_loss_weight`): AdamW,
+    linear warm-up then cosine decay, gradient clipping at 1.
 
     Returns the mean loss of each epoch (the last one possibly partial when `epochs` is fractional).
     """
@@ -124,7 +134,7 @@ def train_model(
         for batch_indices in length_bucketed_batches(lengths, budget.batch_size, generator):
             if step == total_steps:
                 break
-            loss = reply_loss(model, collate([examples[i] for i in batch_indices], pad_id))
+            loss = reply_loss(model, collate([examples[i] for i in batch_indices], pad_id), budget.prompt_loss_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
