@@ -76,12 +76,14 @@ SEARCH_QA_TURNS = {"max_turns": 4}
 """Search-QA's episode: SDAR's Search environment allows 4 turns (search, search, search, answer)."""
 
 ENV_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    # The tiny models of Search-QA and WebShop are trained on prompts with one past turn (their budgets'
+    # history_turns), so their runs show them that many. A WebShop search repeats most of the instruction: about 40
+    # tiny-model tokens, so 24 would cut it.
     "cpu": {
-        "craft/SearchQAGen-v0": SEARCH_QA_TURNS,
-        "craft/SearchQA-v0": SEARCH_QA_TURNS,
-        # A WebShop search repeats most of the instruction: about 40 tiny-model tokens, so 24 would cut it.
-        "craft/WebShopGen-v0": {"max_new_tokens": 64},
-        "craft/WebShop-v0": {"max_new_tokens": 64},
+        "craft/SearchQAGen-v0": {**SEARCH_QA_TURNS, "history_turns": 1},
+        "craft/SearchQA-v0": {**SEARCH_QA_TURNS, "history_turns": 1},
+        "craft/WebShopGen-v0": {"max_new_tokens": 64, "history_turns": 1},
+        "craft/WebShop-v0": {"max_new_tokens": 64, "history_turns": 1},
     },
     "paper": {"craft/SearchQAGen-v0": SEARCH_QA_TURNS, "craft/SearchQA-v0": SEARCH_QA_TURNS},
 }

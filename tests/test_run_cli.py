@@ -16,6 +16,7 @@ import torch
 from fake_envs import COUNTER_ENV_ID
 
 from craft_bench.agents.checkpoint import digest_path, file_sha256
+from craft_bench.agents.tiny.budget import BUDGETS, ENV_DEFAULT_BUDGETS
 from craft_bench.agents.trainer import CHECKPOINT_FILE, CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE
 from craft_bench.run import EVAL_ONLY_FILE, EVAL_ONLY_RESULT_FILE, RESULT_FILE, build_configs, parse_args, run_name
 from craft_bench.run import main as run_main
@@ -128,9 +129,11 @@ def test_presets_carry_each_environments_own_turn_cap_and_reply_length():
 
     alfworld, search, shop = (config("--env", env) for env in
                               ("craft/ALFWorldGen-v0", "craft/SearchQAGen-v0", "craft/WebShopGen-v0"))
-    assert (alfworld.max_turns, alfworld.max_new_tokens) == (15, 24)
-    assert (search.max_turns, search.max_new_tokens) == (4, 24)  # SDAR's Search episode
-    assert (shop.max_turns, shop.max_new_tokens) == (15, 64)  # a search query repeats the instruction
+    assert (alfworld.max_turns, alfworld.max_new_tokens, alfworld.history_turns) == (15, 24, 2)
+    assert (search.max_turns, search.max_new_tokens, search.history_turns) == (4, 24, 1)  # SDAR's Search episode
+    assert (shop.max_turns, shop.max_new_tokens, shop.history_turns) == (15, 64, 1)  # a search repeats the goal
+    for env, budget in ENV_DEFAULT_BUDGETS.items():  # runs show the tiny model the history it was trained on
+        assert config("--env", env).history_turns == BUDGETS[budget].history_turns
     assert config("--env", "craft/SearchQAGen-v0", "--preset", "paper").max_turns == 4
     assert config("--env", "craft/SearchQAGen-v0", "--set", "max_turns=6").max_turns == 6  # --set still wins
 
