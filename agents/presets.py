@@ -75,6 +75,10 @@ PAPER_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 SEARCH_QA_TURNS = {"max_turns": 4}
 """Search-QA's episode: SDAR's Search environment allows 4 turns (search, search, search, answer)."""
 
+WEBSHOP_EVAL = {"eval_split": "test"}
+"""WebShop's held-out goals: its `test` split, the first 500 goals after WebShop's shuffle, which verl-agent and SDAR
+evaluate on (WebShop names its splits test/eval/train; there is no `valid`)."""
+
 ENV_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     # The tiny models of Search-QA and WebShop are trained on prompts with one past turn (their budgets'
     # history_turns), so their runs show them that many. A WebShop search repeats most of the instruction: about 40
@@ -82,10 +86,13 @@ ENV_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "craft/SearchQAGen-v0": {**SEARCH_QA_TURNS, "history_turns": 1},
         "craft/SearchQA-v0": {**SEARCH_QA_TURNS, "history_turns": 1},
-        "craft/WebShopGen-v0": {"max_new_tokens": 64, "history_turns": 1},
-        "craft/WebShop-v0": {"max_new_tokens": 64, "history_turns": 1},
+        "craft/WebShopGen-v0": {**WEBSHOP_EVAL, "max_new_tokens": 64, "history_turns": 1},
+        "craft/WebShop-v0": {**WEBSHOP_EVAL, "max_new_tokens": 64, "history_turns": 1},
     },
-    "paper": {"craft/SearchQAGen-v0": SEARCH_QA_TURNS, "craft/SearchQA-v0": SEARCH_QA_TURNS},
+    "paper": {
+        "craft/SearchQAGen-v0": SEARCH_QA_TURNS, "craft/SearchQA-v0": SEARCH_QA_TURNS,
+        "craft/WebShopGen-v0": WEBSHOP_EVAL, "craft/WebShop-v0": WEBSHOP_EVAL,
+    },
 }
 """Per-environment settings of each preset on top of its common ones (WebShop keeps the presets' 15 turns, its
 verl-agent episode cap)."""

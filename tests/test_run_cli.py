@@ -134,6 +134,8 @@ def test_presets_carry_each_environments_own_turn_cap_and_reply_length():
     assert (shop.max_turns, shop.max_new_tokens, shop.history_turns) == (15, 64, 1)  # a search repeats the goal
     for env, budget in ENV_DEFAULT_BUDGETS.items():  # runs show the tiny model the history it was trained on
         assert config("--env", env).history_turns == BUDGETS[budget].history_turns
+    assert (alfworld.eval_split, search.eval_split, shop.eval_split) == ("valid", "valid", "test")
+    assert config("--env", "craft/WebShopGen-v0", "--preset", "paper").eval_split == "test"
     assert config("--env", "craft/SearchQAGen-v0", "--preset", "paper").max_turns == 4
     assert config("--env", "craft/SearchQAGen-v0", "--set", "max_turns=6").max_turns == 6  # --set still wins
 
