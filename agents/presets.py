@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from craft_bench.agents.tiny.budget import BUDGETS, ENV_DEFAULT_BUDGETS
+
 CPU_PRESET: dict[str, Any] = {
     # The run: the shipped tiny model, B x G = 4 x 4 episodes of at most 15 turns per step.
     "tiny_budget": "default",
@@ -72,6 +74,9 @@ PAPER_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
 0.5 to 0 over SDAR's 100 warm-down steps. Every other method term stays at the spec's defaults (SDAR: λ = 0.01,
 β = 5; Skill-SD: c = 0.001, exp(-ℓ) capped at e^20 always; CRAFT's ours-marked choices)."""
 
+SEARCH_QA_IDS = ("craft/SearchQAGen-v0", "craft/SearchQA-v0")
+WEBSHOP_IDS = ("craft/WebShopGen-v0", "craft/WebShop-v0")
+
 SEARCH_QA_TURNS = {"max_turns": 4}
 """Search-QA's episode: SDAR's Search environment allows 4 turns (search, search, search, answer)."""
 
@@ -79,19 +84,23 @@ WEBSHOP_EVAL = {"eval_split": "test"}
 """WebShop's held-out goals: its `test` split, the first 500 goals after WebShop's shuffle, which verl-agent and SDAR
 evaluate on (WebShop names its splits test/eval/train; there is no `valid`)."""
 
+
+def _tiny_model_history(env_id: str) -> dict[str, int]:
+    """The past turns that `env_id`'s default tiny model was trained on (its budget's history_turns)."""
+    return {"history_turns": BUDGETS[ENV_DEFAULT_BUDGETS[env_id]].history_turns}
+
+
 ENV_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
-    # The tiny models of Search-QA and WebShop are trained on prompts with one past turn (their budgets'
-    # history_turns), so their runs show them that many. A WebShop search repeats most of the instruction: about 40
-    # tiny-model tokens, so 24 would cut it.
+    # The cpu preset runs the tiny model, so its prompts show the history that model was trained on. A WebShop
+    # search repeats most of the instruction: 19-41 tokens of its tiny model's tokenizer (p50 30) on the first 96
+    # `test` goals, so the default 24 would cut 85 of them.
     "cpu": {
-        "craft/SearchQAGen-v0": {**SEARCH_QA_TURNS, "history_turns": 1},
-        "craft/SearchQA-v0": {**SEARCH_QA_TURNS, "history_turns": 1},
-        "craft/WebShopGen-v0": {**WEBSHOP_EVAL, "max_new_tokens": 64, "history_turns": 1},
-        "craft/WebShop-v0": {**WEBSHOP_EVAL, "max_new_tokens": 64, "history_turns": 1},
+        **{env_id: {**SEARCH_QA_TURNS, **_tiny_model_history(env_id)} for env_id in SEARCH_QA_IDS},
+        **{env_id: {**WEBSHOP_EVAL, "max_new_tokens": 64, **_tiny_model_history(env_id)} for env_id in WEBSHOP_IDS},
     },
     "paper": {
-        "craft/SearchQAGen-v0": SEARCH_QA_TURNS, "craft/SearchQA-v0": SEARCH_QA_TURNS,
-        "craft/WebShopGen-v0": WEBSHOP_EVAL, "craft/WebShop-v0": WEBSHOP_EVAL,
+        **{env_id: SEARCH_QA_TURNS for env_id in SEARCH_QA_IDS},
+        **{env_id: WEBSHOP_EVAL for env_id in WEBSHOP_IDS},
     },
 }
 """Per-environment settings of each preset on top of its common ones (WebShop keeps the presets' 15 turns, its

@@ -1,5 +1,6 @@
 """Supervised fine-tuning of the tiny model: expert records become (prompt, reply) examples in the teacher or the
-student format, are tokenised, and train the model on the reply tokens only (AdamW, warm-up and cosine decay)."""
+student format, are tokenised, and train the model on the reply tokens, plus the prompt tokens at a budget's
+`prompt_loss_weight` (AdamW, warm-up and cosine decay)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def make_examples(records: Sequence[ExpertRecord], teacher_fraction: float, seed
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """Prompt ids followed by reply ids; the loss covers the reply ids only."""
+    """Prompt ids followed by reply ids; the loss covers the reply ids (and the prompt ids at a prompt weight)."""
 
     prompt_ids: tuple[int, ...]
     reply_ids: tuple[int, ...]
@@ -71,18 +72,22 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, generator: 
 
 
 def collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask`, and `target_mask` (True where the next token is a reply token)."""
+    """Right-padded `input_ids`, `attention_mask`, `target_mask` (True where the next token is a reply token) and
+    `prompt_target_mask` (True where the next token is a prompt token)."""
     width = max(len(e) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     target_mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    prompt_target_mask = torch.zeros((len(examples), width), dtype=torch.bool)
     for row, example in enumerate(examples):
         ids = example.prompt_ids + example.reply_ids
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
         # Position t predicts token t+1: from the last prompt token to the one before the last reply token.
         target_mask[row, len(example.prompt_ids) - 1 : len(ids) - 1] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask}
+        prompt_target_mask[row, : len(example.prompt_ids) - 1] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
+            "prompt_target_mask": prompt_target_mask}
 
 
 def reply_loss(model, batch: dict[str, torch.Tensor], prompt_loss_weight: float = 0.0) -> torch.Tensor:
@@ -95,11 +100,9 @@ def reply_loss(model, batch: dict[str, torch.Tensor], prompt_loss_weight: float 
     loss = torch.nn.functional.cross_entropy(logits.float(), targets)
     if prompt_loss_weight == 0.0:
         return loss
-    # Position t predicts token t+1: every real position before the first reply target predicts a prompt token.
-    before_reply = batch["attention_mask"].bool() & ~mask & (mask.long().cumsum(dim=1) == 0)
-    before_reply[:, -1] = False
-    prompt_logits = model.lm_head(hidden[before_reply])
-    prompt_targets = batch["input_ids"][:, 1:][before_reply[:, :-1]]
+    prompt_mask = batch["prompt_target_mask"]
+    prompt_logits = model.lm_head(hidden[prompt_mask])
+    prompt_targets = batch["input_ids"][:, 1:][prompt_mask[:, :-1]]
     return loss + prompt_loss_weight * torch.nn.functional.cross_entropy(prompt_logits.float(), prompt_targets)
 
 
