@@ -53,7 +53,8 @@ class TinyBudget:
     prompt_loss_weight: float = 0.0
     """Weight of a language-modelling loss on the prompt tokens, added to the reply loss. Prompts repeat the names
     they hold (a question's entity in the retrieved passages, a product in its page), so predicting them trains the
-    copying that replies need, at almost no extra cost: the forward pass over the prompt is paid anyway."""
+    copying that replies need. The forward pass over the prompt is paid anyway; the LM head over the prompt positions
+    is the added cost (docs/tiny_models.md measures it)."""
 
     def __post_init__(self) -> None:
         for name in ("n_train_tasks", "max_episode_steps", "vocab_size", "hidden_size", "intermediate_size",
