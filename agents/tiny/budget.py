@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from craft_bench.agents.tiny.model import TinyShape
+from craft_bench.agents.tiny.tokenizer import id_pieces_pattern
 
 #: Bump when the build recipe changes in a way that changes the model, so cached builds are not reused.
 #: 3: expert episodes are played on the group runner (seeds per group), free-form action formats.
@@ -14,7 +15,9 @@ RECIPE_VERSION = "3"
 
 #: Budget fields added after models were built and shipped, with the value that reproduces the older recipe: at that
 #: value a field stays out of the cache key, so every older build keeps its key (and a shipped model its pin).
-LATER_FIELDS: dict[str, object] = {"prompt_loss_weight": 0.0}
+LATER_FIELDS: dict[str, object] = {
+    "prompt_loss_weight": 0.0, "id_prefix": "", "id_body_length": 0, "relabel_ids": False,
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,14 @@ class TinyBudget:
     they hold (a question's entity in the retrieved passages, a product in its page), so predicting them trains the
     copying that replies need. The forward pass over the prompt is paid anyway; the LM head over the prompt positions
     is the added cost (docs/tiny_models.md measures it)."""
+    id_prefix: str = ""
+    """With `id_body_length`: identifiers that replies copy, written `id_prefix` + `id_body_length` lowercase letters
+    or digits (WebShop's product ids: "b0" and 8). The tokenizer cuts their bodies into pairs
+    (`tokenizer.id_pieces_pattern`); "" leaves every word to BPE."""
+    id_body_length: int = 0
+    relabel_ids: bool = False
+    """Give every training example fresh random ids of that format (`sft.relabel_ids`), so that the model copies ids
+    from its prompt instead of memorising the catalogue's."""
 
     def __post_init__(self) -> None:
         for name in ("n_train_tasks", "max_episode_steps", "vocab_size", "hidden_size", "intermediate_size",
@@ -65,6 +76,13 @@ class TinyBudget:
             raise ValueError("TinyBudget.clean_per_task and perturbed_per_task must be >= 0")
         if self.clean_per_task + self.perturbed_per_task < 1:
             raise ValueError("TinyBudget needs at least one episode per task (clean_per_task + perturbed_per_task)")
+        if bool(self.id_prefix) != bool(self.id_body_length):
+            raise ValueError("TinyBudget.id_prefix and id_body_length are set together (both or neither), got "
+                             f"{self.id_prefix!r} and {self.id_body_length}")
+        if self.relabel_ids and not self.id_prefix:
+            raise ValueError("TinyBudget.relabel_ids needs the id format (id_prefix and id_body_length)")
+        if self.id_prefix:
+            id_pieces_pattern(self.id_prefix, self.id_body_length)  # raises on a malformed id format
         if not 0.0 <= self.prompt_loss_weight < float("inf"):
             raise ValueError(f"TinyBudget.prompt_loss_weight must be finite and >= 0, got {self.prompt_loss_weight}")
         for name in ("perturb_prob", "invalid_share", "teacher_fraction", "warmup_frac"):
@@ -74,6 +92,11 @@ class TinyBudget:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.epochs <= 0 or self.lr <= 0:
             raise ValueError(f"TinyBudget.epochs and lr must be > 0, got {self.epochs} and {self.lr}")
+
+    @property
+    def id_pattern(self) -> str:
+        """The tokenizer's id-splitting regex ("" when ids are left to BPE)."""
+        return id_pieces_pattern(self.id_prefix, self.id_body_length) if self.id_prefix else ""
 
     @property
     def shape(self) -> TinyShape:

@@ -25,7 +25,7 @@ from craft_bench.agents.prompts import PromptConfig
 from craft_bench.agents.tiny.budget import LATER_FIELDS, RECIPE_VERSION, TinyBudget, env_budget_name, resolve_budget
 from craft_bench.agents.tiny.data import ExpertRecord, collect_expert_records
 from craft_bench.agents.tiny.model import count_parameters, make_model
-from craft_bench.agents.tiny.sft import make_examples, tokenize_examples, train_model
+from craft_bench.agents.tiny.sft import make_examples, relabel_ids, tokenize_examples, train_model
 from craft_bench.agents.tiny.tokenizer import (
     name_tokenizer_class,
     newline_token_id,
@@ -86,7 +86,10 @@ def train_and_save(
     """Examples, tokenizer and model from expert records, saved into `out_dir`; returns the build metadata."""
     started, cpu_started = time.perf_counter(), time.process_time()
     examples = make_examples(records, budget.teacher_fraction, seed)
-    tokenizer = train_tokenizer(lambda: (text for e in examples for text in (e.prompt, e.reply)), budget.vocab_size)
+    if budget.relabel_ids:
+        examples = relabel_ids(examples, budget.id_prefix, budget.id_body_length, seed)
+    tokenizer = train_tokenizer(lambda: (text for e in examples for text in (e.prompt, e.reply)), budget.vocab_size,
+                                id_pattern=budget.id_pattern)
     tokenized = tokenize_examples(tokenizer, examples)
     kept = [e for e in tokenized if len(e) <= budget.max_positions]
     tokenized_at, tokenized_cpu = time.perf_counter(), time.process_time()
