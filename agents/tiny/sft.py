@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 from craft_bench.agents.prompts import format_prompt, format_response, teacher_text
 from craft_bench.agents.tiny.budget import TinyBudget
 from craft_bench.agents.tiny.data import ExpertRecord
+from craft_bench.agents.tiny.tokenizer import ID_ALPHABET, id_word_pattern
 
 #: The plain prompt format needs no chat template; `format_prompt` only asks the tokenizer whether it has one.
 _PLAIN = None
@@ -55,21 +55,20 @@ def relabel_ids(examples: Sequence[TextExample], prefix: str, body_length: int, 
     and the renaming is consistent inside the prompt and the reply.
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
-    alphabet = np.array(list(string.ascii_lowercase + string.digits))
-    pattern = re.compile(rf"\b{re.escape(prefix)}[a-z0-9]{{{body_length}}}\b", re.IGNORECASE)
-
-    def fresh_id(taken: set[str]) -> str:
-        while (new := prefix + "".join(rng.choice(alphabet, body_length))) in taken:
-            pass
-        return new
-
+    alphabet = np.array(list(ID_ALPHABET))
+    pattern = re.compile(id_word_pattern(prefix, body_length), re.IGNORECASE)
     relabelled = []
     for example in examples:
         renamed: dict[str, str] = {}  # old id (lower case) -> its new id, for this example only
         for text in (example.prompt, example.reply):
             for match in pattern.finditer(text):
-                if match.group(0).lower() not in renamed:
-                    renamed[match.group(0).lower()] = fresh_id(set(renamed.values()))
+                old = match.group(0).lower()
+                if old in renamed:
+                    continue
+                new = prefix + "".join(rng.choice(alphabet, body_length))
+                while new in renamed.values():  # two old ids never share a new one
+                    new = prefix + "".join(rng.choice(alphabet, body_length))
+                renamed[old] = new
 
         def rename(match: re.Match, renamed: dict[str, str] = renamed) -> str:
             new = renamed[match.group(0).lower()]

@@ -3,19 +3,28 @@ in which a newline is always one token of its own (a plain-format reply ends at 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import string
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 NEWLINE = "\n"
-#: Characters per piece of a copied identifier (`id_pieces_pattern`). Pairs of lowercase letters and digits give
-#: 36^2 = 1,296 possible pieces: few enough that a 2,048-token vocabulary learns most of them, many enough that a piece
-#: seldom occurs twice in one prompt, so a one-token match finds where to copy from.
+#: The characters of an identifier's body (`id_pieces_pattern`, `sft.relabel_ids`).
+ID_ALPHABET = string.ascii_lowercase + string.digits
+#: Characters per piece of a copied identifier. Pairs give 36^2 = 1,296 possible pieces: few enough to add them all
+#: to the vocabulary (`_with_every_id_piece`), many enough that a piece seldom occurs twice in one prompt, so a
+#: one-token match finds where to copy from.
 ID_PIECE_CHARS = 2
 #: The word split of GPT-2 that `ByteLevel(use_regex=True)` applies (tokenizers' byte_level.rs).
 GPT2_WORDS = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+def id_word_pattern(prefix: str, body_length: int) -> str:
+    """A regex matching a whole identifier `prefix` + `body_length` characters of `ID_ALPHABET` (lower case)."""
+    return rf"\b{re.escape(prefix)}[a-z0-9]{{{body_length}}}\b"
 
 
 def id_pieces_pattern(prefix: str, body_length: int) -> str:
@@ -121,10 +130,8 @@ def _with_every_id_piece(tokenizer):
 
     state = json.loads(tokenizer.to_str())
     vocab, merges = state["model"]["vocab"], state["model"]["merges"]
-    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
-    for first in alphabet:
-        for second in alphabet:
-            if first + second not in vocab:
-                vocab[first + second] = len(vocab)
-                merges.append([first, second])
+    for first, second in itertools.product(ID_ALPHABET, repeat=ID_PIECE_CHARS):
+        if first + second not in vocab:
+            vocab[first + second] = len(vocab)
+            merges.append([first, second])
     return Tokenizer.from_str(json.dumps(state))
