@@ -76,6 +76,8 @@ def test_unknown_name_or_option_is_a_clear_error():
         make_method("sdar", teacher="student")
     with pytest.raises(ValueError, match="alpha"):
         make_method("grpo", alpha=-1.0)
+    with pytest.raises(ValueError, match=r"option agg='turn' is not one of \['token', 'episode'\]"):
+        make_method("grpo", agg="turn")
     with pytest.raises(ValueError, match="option p1 must be a bool"):
         make_method("craft", p1="yes")
     assert make_method("sdar", lam=1).config["lam"] == 1.0 and isinstance(make_method("sdar", lam=1).config["lam"], float)
@@ -213,6 +215,53 @@ def test_micro_batches_by_index_tensor_in_any_order():
     total = sum(method.loss(micro.select(rows), ctx.select(rows))[0] for rows in order.split(3))
     (grad,) = torch.autograd.grad(total, micro.logp)
     assert torch.allclose(total, full_loss, rtol=1e-12) and torch.allclose(grad, full_grad, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_episode_aggregation_weighs_every_episode_equally_and_splits_into_micro_batches(name):
+    vocab = 17 if name == "adaptive_cringe" else 0
+    batch = synthetic_batch(2, 4, 4, 6, seed=3, vocab=vocab, dtype=torch.float64)
+    method = make_method(name, agg="episode")
+    ctx = method.prepare(batch)
+    weight = ctx.row_weight.double()
+    tokens = batch.mask.sum(1).double()
+    # Every episode carries the same total weight, and the weights of all valid tokens sum to their count.
+    per_episode = torch.zeros(int(batch.episode_id.max()) + 1, dtype=torch.float64)
+    per_episode.index_add_(0, batch.episode_id.long(), weight * tokens)
+    assert torch.allclose(per_episode, torch.full_like(per_episode, float(tokens.sum()) / len(per_episode)))
+    # The loss is the weighted token mean, and micro-batches of it add up to the whole.
+    full_loss, full_grad, _ = loss_and_grad(method, batch)
+    micro = fresh(batch)
+    order = torch.randperm(batch.rows, generator=torch.Generator().manual_seed(1))
+    total = sum(method.loss(micro.select(rows), ctx.select(rows))[0] for rows in order.split(3))
+    (grad,) = torch.autograd.grad(total, micro.logits if vocab else micro.logp)
+    assert torch.allclose(total, full_loss, rtol=1e-12) and torch.allclose(grad, full_grad, rtol=1e-10, atol=1e-15)
+    # It differs from the spec's token mean where episode lengths differ, and GRPO's gradient is the token mean's
+    # scaled row by row.
+    token_loss, token_grad, _ = loss_and_grad(make_method(name), batch)
+    assert not torch.allclose(full_grad, token_grad)
+    if name == "grpo":
+        assert torch.allclose(full_grad, token_grad * weight[:, None], rtol=1e-12, atol=1e-15)
+
+
+def test_episode_aggregation_makes_a_won_episode_outweigh_its_longer_failed_siblings():
+    # One group: a win in 2 turns and three failures at the cap of 8 turns, all replying the same one token. Under
+    # the token mean the failures' negative advantages outweigh the win on that shared token; per episode they do not.
+    turns = [2, 8, 8, 8]
+    rows = sum(turns)
+    episode_id = torch.tensor([e for e, n in enumerate(turns) for _ in range(n)])
+    returns = torch.tensor([10.0, 0.0, 0.0, 0.0])
+    adv = L.grpo_advantages(returns, torch.zeros(4, dtype=torch.long))
+    batch = L.TokenBatch(
+        logp=torch.full((rows, 1), -1.0, dtype=torch.float64, requires_grad=True),
+        old_logp=torch.full((rows, 1), -1.0, dtype=torch.float64), ref_logp=None, teacher_logp=None,
+        mask=torch.ones(rows, 1, dtype=torch.bool), advantages=adv[episode_id], group_id=torch.zeros(rows, dtype=torch.long),
+        episode_id=episode_id, turn_idx=torch.cat([torch.arange(n) for n in turns]),
+    )
+    def shared_token_push(agg):  # -d loss / d logp summed over the rows: > 0 raises the shared token
+        _, grad, _ = loss_and_grad(make_method("grpo", agg=agg), batch)
+        return -float(grad.sum())
+    assert shared_token_push("token") < 0 < shared_token_push("episode")
 
 
 def test_misaligned_context_is_rejected():

@@ -44,6 +44,8 @@ class CommonOptions:
     alpha: float = option(0.0, "reference-KL coefficient α (k3); 0 disables it and no reference scores are needed", minimum=0.0)
     h: float = option(0.0, "entropy-bonus coefficient; 0 disables it and no logits are needed", minimum=0.0)
     adv_std: str = option("group", "GRPO advantage: divide by the group std ('group') or not ('none', Dr.GRPO)", ("group", "none"))
+    agg: str = option("token", "loss aggregation: global token mean ('token', spec §2) or every episode weighted equally "
+                      "('episode', as verl's seq-mean-token-mean does per sequence)", ("token", "episode"))
     logits_chunk: int = option(1024, "positions per chunk when a term needs the full vocabulary (entropy, CRINGE)")
 
     def validate(self) -> None:
@@ -123,6 +125,9 @@ class StepContext:
     number of `end_step` calls this method has seen. Seeds CRINGE's draws and drives RLSD's λ warm-down."""
     row_keys: Tensor
     """(R, 3) int64: (group_id, episode_id, turn_idx) of each row, to check micro-batches line up."""
+    row_weight: Tensor | None = None
+    """(R,) float: each row's token weight under `agg="episode"` (mean episode length / its episode's length);
+    None under the spec's token mean, whose result it leaves bit-identical."""
     stats: StepStats = field(default_factory=StepStats)
     """The step's statistics for `end_step`."""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -135,6 +140,8 @@ class StepContext:
         """The context restricted to some rows, matching `TokenBatch.select(index)`."""
         cpu_index = index.cpu() if isinstance(index, Tensor) else index  # row_keys live on the CPU
         changes: dict[str, Any] = {"row_keys": self.row_keys[cpu_index]}
+        if self.row_weight is not None:
+            changes["row_weight"] = self.row_weight[index]
         for name in self.ROW_FIELDS:
             value = getattr(self, name)
             changes[name] = None if value is None else value[index]
@@ -152,6 +159,26 @@ Reduce = Callable[[Sequence[float]], list[float]]
 def local_sum(values: Sequence[float]) -> list[float]:
     """The `Reduce` of a single process: the numbers themselves."""
     return [float(v) for v in values]
+
+
+def episode_row_weights(batch: L.TokenBatch, reduce: Reduce = local_sum) -> Tensor:
+    """(R,) weight of each row's tokens so that every episode of the step carries the same total weight and the
+    weights of all valid tokens still sum to their count: mean tokens per episode / this episode's tokens.
+
+    Why: under the global token mean an episode weighs as much as it has tokens, and in multi-turn tasks failed
+    episodes run to the turn cap while wins end early, so a group's negative advantages outweigh its positive ones
+    on every action the siblings share. An episode is (group_id, episode_id); its rows lie on one data-parallel rank
+    (ranks hold whole groups), and only the step's totals go through `reduce`.
+    """
+    keys = torch.stack([batch.group_id.long(), batch.episode_id.long()], dim=1).cpu()
+    _, episode_of_row = torch.unique(keys, dim=0, return_inverse=True)
+    row_tokens = batch.mask.sum(dim=1).cpu().to(torch.float64)
+    episode_tokens = torch.zeros(int(episode_of_row.max()) + 1 if len(keys) else 0, dtype=torch.float64)
+    episode_tokens.index_add_(0, episode_of_row, row_tokens)
+    present = episode_tokens > 0  # an episode without a valid token carries no weight and counts for nothing
+    n_tokens, n_episodes = reduce([float(row_tokens.sum()), float(present.sum())])
+    per_episode = torch.where(present, (n_tokens / max(n_episodes, 1.0)) / episode_tokens.clamp(min=1.0), 0.0)
+    return per_episode[episode_of_row].to(torch.float32).to(batch.mask.device)
 
 
 def row_keys(batch: L.TokenBatch) -> Tensor:
@@ -256,8 +283,9 @@ class Method:
             raise ValueError(f"step must be >= 0, got {step}")
         reduce = reduce or local_sum
         (n_tokens,) = reduce([float(batch.mask.sum())])
+        row_weight = episode_row_weights(batch, reduce) if self.options.agg == "episode" else None
         return self._context(batch, reduce, n_tokens=n_tokens, alpha=self.options.alpha, step=step,
-                             row_keys=row_keys(batch))
+                             row_keys=row_keys(batch), row_weight=row_weight)
 
     def _context(self, batch: L.TokenBatch, reduce: Reduce, **common: Any) -> StepContext:
         """Hook: build this method's context from the full batch and the common fields; step-wide counts go
@@ -304,10 +332,11 @@ class Method:
         for key, term in self.extra_terms(batch, ctx).items():
             per_token = per_token + term
             terms[key] = term
-        total = L.token_mean(per_token, mask, n)
+        weight = None if ctx.row_weight is None else ctx.row_weight.to(per_token.dtype)[:, None]
+        total = L.token_mean(per_token if weight is None else per_token * weight, mask, n)
         if opts.h > 0:
             entropy = L.entropy_from_logits(batch.logits, opts.logits_chunk)
-            total = total - opts.h * L.token_mean(entropy, mask, n)
+            total = total - opts.h * L.token_mean(entropy if weight is None else entropy * weight, mask, n)
             terms["entropy"] = entropy
         metrics = dict(ctx.metrics)
         with torch.no_grad():
