@@ -15,6 +15,7 @@ from craft_bench.agents.trainer import TrainConfig
 from craft_bench.leaderboard.identity import (
     EVALUATION_SETTINGS,
     KEY_SETTINGS,
+    LATER_METHOD_OPTIONS,
     LATER_SETTINGS,
     NEUTRAL_SETTINGS,
     TRAINING_ONLY_SETTINGS,
@@ -116,6 +117,20 @@ def test_a_later_setting_at_its_legacy_value_keeps_the_ids_of_rows_made_before_i
         assert run_config({**settings, "method": method}, options) == run_config({**before, "method": method}, options)
         changed = run_config({**settings, "method": method, name: _changed(settings[name])}, options)
         assert changed["train"][name] == _changed(settings[name])
+
+
+@pytest.mark.parametrize("name", sorted(LATER_METHOD_OPTIONS))
+def test_a_later_method_option_at_its_legacy_value_keeps_the_ids_of_rows_made_before_it_existed(name):
+    from craft_bench.agents.methods import make_method
+
+    settings = {**asdict(TrainConfig()), "method": "craft"}
+    resolved = make_method("craft").config
+    assert resolved[name] == LATER_METHOD_OPTIONS[name], "the default must reproduce the behaviour from before it"
+    before = {key: value for key, value in resolved.items() if key != name}
+    assert run_config(settings, resolved) == run_config(settings, before)
+    other = make_method("craft", **{name: "episode"}).config
+    assert run_config(settings, other)[name] == "episode"
+    assert config_id(run_config(settings, other)) != config_id(run_config(settings, resolved))
 
 
 def test_the_committed_leaderboard_ids_are_the_ids_head_computes():

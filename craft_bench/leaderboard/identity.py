@@ -10,7 +10,7 @@ from typing import Any
 from craft_bench.leaderboard.schema import BASE_METHOD, EVAL_TEMPERATURE, config_id
 
 __all__ = [
-    "EVALUATION_SETTINGS", "KEY_SETTINGS", "LATER_SETTINGS", "NEUTRAL_SETTINGS", "TRAINING_ONLY_SETTINGS", "config_id", "run_config",
+    "EVALUATION_SETTINGS", "KEY_SETTINGS", "LATER_METHOD_OPTIONS", "LATER_SETTINGS", "NEUTRAL_SETTINGS", "TRAINING_ONLY_SETTINGS", "config_id", "run_config",
     "undeclared_settings", "weights_sha256",
 ]
 
@@ -55,6 +55,9 @@ EVALUATION_SETTINGS: tuple[str, ...] = (
 #: At that value a setting is left out of the configuration, so every earlier run and leaderboard row keeps its id;
 #: any other value is recorded like every setting. (It must still be declared in one of the groups above.)
 LATER_SETTINGS: dict[str, Any] = {"progress_reward": 0.0}
+#: Method options (common to every method) added after rows were published, each with the value that reproduces the
+#: results from before it existed; at that value the option is left out of `method_config`, as LATER_SETTINGS are.
+LATER_METHOD_OPTIONS: dict[str, Any] = {"agg": "token"}
 
 
 def undeclared_settings(names: Iterable[str]) -> list[str]:
@@ -86,7 +89,9 @@ def run_config(settings: Mapping[str, Any], method_config: Mapping[str, Any]) ->
         skipped |= set(TRAINING_ONLY_SETTINGS)
     train = {name: value for name, value in settings.items()
              if name not in skipped and not (name in LATER_SETTINGS and value == LATER_SETTINGS[name])}
-    return {**method_config, EVAL_TEMPERATURE: settings[EVAL_TEMPERATURE], "train": train}
+    options = {name: value for name, value in method_config.items()
+               if not (name in LATER_METHOD_OPTIONS and value == LATER_METHOD_OPTIONS[name])}
+    return {**options, EVAL_TEMPERATURE: settings[EVAL_TEMPERATURE], "train": train}
 
 
 def weights_sha256(state_dict: Mapping[str, Any]) -> str:
