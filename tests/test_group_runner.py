@@ -220,6 +220,25 @@ def test_the_env_benchmark_prints_runner_rows_for_any_registered_env(capsys):
     for row in ("group runner in process", "group runner x1", "group runner x2"):
         assert f"{COUNTER_ENV_ID}  {row}" in output
     assert "WARNING" not in output
+    breakdown = output.split("Where the runner's step time goes")[1]
+    for row in ("group runner x1", "group runner x2"):
+        assert f"{COUNTER_ENV_ID}  {row}" in breakdown
+
+
+def test_the_env_benchmark_breaks_the_runners_step_time_down():
+    from craft_bench.bench.envs import RunnerTiming, time_breakdown
+
+    # 100 steps in 50 round trips: 1.0 s wall, 0.2 s main CPU, 0.6 s CPU on the busiest workers' path, 1.0 s of CPU
+    # over 2 workers (an even share of 0.5 s).
+    timing = RunnerTiming(steps=100, step_seconds=1.0, step_cpu_seconds=0.8, main_cpu_seconds=0.2,
+                          worker_cpu_seconds=1.0, round_trips=50, workers=2)
+    parts = time_breakdown(timing)
+    expected = {"wall": 10.0, "main": 2.0, "busiest worker": 6.0, "even share": 5.0, "imbalance": 1.0, "waiting": 2.0,
+                "steps per round trip": 2.0}
+    assert parts == pytest.approx(expected)
+    in_process = time_breakdown(RunnerTiming(steps=10, step_seconds=0.1, step_cpu_seconds=0.09, main_cpu_seconds=0.09))
+    assert (in_process["busiest worker"], in_process["imbalance"]) == (0.0, 0.0)
+    assert in_process["waiting"] == pytest.approx(1.0)
 
 
 def test_the_env_benchmark_summary_reads_family_rows_and_computes_the_ratios():

@@ -42,6 +42,8 @@ DEFAULT_ENV_KWARGS: dict[str, dict[str, Any]] = {
     "craft/TextWorld-v0": {"family": ["coin_collector", "treasure_hunter", "cooking"], "level": 3, "n_games": 2},
 }
 WRAPPER_OVERHEAD_TARGET = 0.10
+#: The columns of the step-time breakdown table, keys of `time_breakdown`.
+BREAKDOWN_COLUMNS = ("wall", "main", "busiest worker", "even share", "imbalance", "waiting")
 RUNNER_SCALING_TARGET = 1.7
 
 
@@ -107,6 +109,12 @@ class RunnerTiming:
     resets: int = 0
     reset_seconds: float = 0.0
     fingerprint: int = 0
+    #: Where the step time goes (`time_breakdown`): the main process's CPU seconds, all workers' CPU seconds, the
+    #: round trips, and the number of worker processes (0: envs in the main process).
+    main_cpu_seconds: float = 0.0
+    worker_cpu_seconds: float = 0.0
+    round_trips: int = 0
+    workers: int = 0
 
     @property
     def steps_per_s(self) -> float:
@@ -117,6 +125,28 @@ class RunnerTiming:
         """Steps per second on idle cores (estimate): contention from other processes stretches wall time, not the
         CPU time on the critical path."""
         return self.steps / self.step_cpu_seconds if self.step_cpu_seconds > 0 else float("nan")
+
+
+def time_breakdown(timing: RunnerTiming) -> dict[str, float]:
+    """Where a runner's step time goes, in milliseconds per env step: `wall`; `main`, the main process's CPU
+    (choosing actions, sending requests, unpickling replies); `busiest worker`, the CPU of the busiest worker of each
+    round trip, which the main process waits for; of it, `imbalance`, what it exceeds an even share of all workers'
+    CPU by (time the other workers sit idle); and `waiting`, the wall time neither accounts for (pipe latency,
+    process wake-ups, other processes' load). With N workers on N idle cores, wall ~ main + busiest worker + waiting,
+    and the even share is the part that more workers divide."""
+    steps = max(timing.steps, 1)
+    per_step = 1000.0 / steps
+    busiest = (timing.step_cpu_seconds - timing.main_cpu_seconds) if timing.workers else 0.0
+    even_share = timing.worker_cpu_seconds / timing.workers if timing.workers else 0.0
+    return {
+        "wall": timing.step_seconds * per_step,
+        "main": timing.main_cpu_seconds * per_step,
+        "busiest worker": busiest * per_step,
+        "even share": even_share * per_step,
+        "imbalance": (busiest - even_share) * per_step,
+        "waiting": (timing.step_seconds - timing.main_cpu_seconds - busiest) * per_step,
+        "steps per round trip": timing.steps / timing.round_trips if timing.round_trips else float("nan"),
+    }
 
 
 def as_row(row: Any) -> BenchRow:
@@ -177,12 +207,19 @@ def play_group_runner(
                 random_admissible_action(infos[slot], rng) if active else None
                 for slot, active in enumerate(runner.active)
             ]
-            start, cpu_start, critical_start = time.perf_counter(), time.process_time(), runner.stats.critical_cpu_s
+            stats = runner.stats
+            start, cpu_start = time.perf_counter(), time.process_time()
+            critical_start, worker_start, trips_start = stats.critical_cpu_s, stats.worker_cpu_s, stats.round_trips
             steps = runner.step(actions)
             timing.step_seconds += time.perf_counter() - start
-            timing.step_cpu_seconds += time.process_time() - cpu_start
+            main_cpu = time.process_time() - cpu_start
+            timing.step_cpu_seconds += main_cpu
+            timing.main_cpu_seconds += main_cpu
             if runner.worker_pids:  # in process, the envs' CPU time is already this process's
-                timing.step_cpu_seconds += runner.stats.critical_cpu_s - critical_start
+                timing.step_cpu_seconds += stats.critical_cpu_s - critical_start
+                timing.worker_cpu_seconds += stats.worker_cpu_s - worker_start
+                timing.round_trips += stats.round_trips - trips_start
+                timing.workers = len(runner.worker_pids)
             for slot, result in enumerate(steps):
                 if result is not None:
                     infos[slot] = result.info
@@ -383,6 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         if cpus is None:
             cpus = min(1.0, (os.cpu_count() or 1) / (1 + args.workers))
         ray_options = {"ray_address": args.ray_address, "ray_cpus_per_worker": cpus}
+    breakdown: list[list[str]] = []
     for env_id in env_ids:
         env_kwargs = DEFAULT_ENV_KWARGS.get(env_id, {}) if args.env_kwargs is None else args.env_kwargs
         try:
@@ -400,6 +438,9 @@ def main(argv: list[str] | None = None) -> None:
             resets = f", {timing.resets / timing.reset_seconds:.0f} resets/s" if timing.reset_seconds > 0 else ""
             note = f"{shape}{timing.steps} steps{resets}"
             rows.append(BenchRow(env_id, name, timing.steps_per_s, note, timing.idle_steps_per_s))
+            parts = time_breakdown(timing)
+            breakdown.append([env_id, name] + [f"{parts[key]:.3f}" for key in BREAKDOWN_COLUMNS]
+                             + [f"{parts['steps per round trip']:.1f}"])
         if len({timing.fingerprint for timing in timings.values()}) != 1:
             notes.append(
                 f"{env_id}: WARNING the runner's results differed between its settings {sorted(timings)}"
@@ -443,5 +484,13 @@ def main(argv: list[str] | None = None) -> None:
         summary_rows(env_ids, rows, args.workers),
         right_aligned=range(1, 11),
     ))
+    if breakdown:
+        print()
+        print("Where the runner's step time goes (ms per env step; `time_breakdown`): busiest worker = the CPU of "
+              "each round trip's busiest worker, which the main process waits for; even share = all workers' CPU / "
+              "N, the part more workers divide; imbalance = busiest worker - even share; waiting = wall - main - "
+              "busiest worker (pipe latency, wake-ups, load)")
+        print(format_table(["env", "runner", *BREAKDOWN_COLUMNS, "steps per round trip"], breakdown,
+                           right_aligned=range(2, 3 + len(BREAKDOWN_COLUMNS))))
     for note in notes:
         print(f"note: {note}")
