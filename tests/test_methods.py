@@ -238,7 +238,7 @@ def test_episode_aggregation_weighs_every_episode_equally_and_splits_into_micro_
     assert torch.allclose(total, full_loss, rtol=1e-12) and torch.allclose(grad, full_grad, rtol=1e-10, atol=1e-15)
     # It differs from the spec's token mean where episode lengths differ, and GRPO's gradient is the token mean's
     # scaled row by row.
-    token_loss, token_grad, _ = loss_and_grad(make_method(name), batch)
+    _, token_grad, _ = loss_and_grad(make_method(name), batch)
     assert not torch.allclose(full_grad, token_grad)
     if name == "grpo":
         assert torch.allclose(full_grad, token_grad * weight[:, None], rtol=1e-12, atol=1e-15)
