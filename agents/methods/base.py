@@ -140,9 +140,7 @@ class StepContext:
         """The context restricted to some rows, matching `TokenBatch.select(index)`."""
         cpu_index = index.cpu() if isinstance(index, Tensor) else index  # row_keys live on the CPU
         changes: dict[str, Any] = {"row_keys": self.row_keys[cpu_index]}
-        if self.row_weight is not None:
-            changes["row_weight"] = self.row_weight[index]
-        for name in self.ROW_FIELDS:
+        for name in ("row_weight", *self.ROW_FIELDS):
             value = getattr(self, name)
             changes[name] = None if value is None else value[index]
         return dataclasses.replace(self, **changes)
@@ -171,9 +169,9 @@ def episode_row_weights(batch: L.TokenBatch, reduce: Reduce = local_sum) -> Tens
     (ranks hold whole groups), and only the step's totals go through `reduce`.
     """
     keys = torch.stack([batch.group_id.long(), batch.episode_id.long()], dim=1).cpu()
-    _, episode_of_row = torch.unique(keys, dim=0, return_inverse=True)
+    episodes, episode_of_row = torch.unique(keys, dim=0, return_inverse=True)
     row_tokens = batch.mask.sum(dim=1).cpu().to(torch.float64)
-    episode_tokens = torch.zeros(int(episode_of_row.max()) + 1 if len(keys) else 0, dtype=torch.float64)
+    episode_tokens = torch.zeros(len(episodes), dtype=torch.float64)
     episode_tokens.index_add_(0, episode_of_row, row_tokens)
     present = episode_tokens > 0  # an episode without a valid token carries no weight and counts for nothing
     n_tokens, n_episodes = reduce([float(row_tokens.sum()), float(present.sum())])
@@ -332,11 +330,15 @@ class Method:
         for key, term in self.extra_terms(batch, ctx).items():
             per_token = per_token + term
             terms[key] = term
-        weight = None if ctx.row_weight is None else ctx.row_weight.to(per_token.dtype)[:, None]
-        total = L.token_mean(per_token if weight is None else per_token * weight, mask, n)
+        def aggregate(values: Tensor) -> Tensor:  # agg(): the token mean, each row weighted under agg="episode"
+            if ctx.row_weight is not None:
+                values = values * ctx.row_weight.to(values.dtype)[:, None]
+            return L.token_mean(values, mask, n)
+
+        total = aggregate(per_token)
         if opts.h > 0:
             entropy = L.entropy_from_logits(batch.logits, opts.logits_chunk)
-            total = total - opts.h * L.token_mean(entropy if weight is None else entropy * weight, mask, n)
+            total = total - opts.h * aggregate(entropy)
             terms["entropy"] = entropy
         metrics = dict(ctx.metrics)
         with torch.no_grad():

@@ -87,11 +87,14 @@ def run_config(settings: Mapping[str, Any], method_config: Mapping[str, Any]) ->
         if method_config:
             raise ValueError(f"method {BASE_METHOD!r} (the untrained model) has no options, got {dict(method_config)}")
         skipped |= set(TRAINING_ONLY_SETTINGS)
-    train = {name: value for name, value in settings.items()
-             if name not in skipped and not (name in LATER_SETTINGS and value == LATER_SETTINGS[name])}
-    options = {name: value for name, value in method_config.items()
-               if not (name in LATER_METHOD_OPTIONS and value == LATER_METHOD_OPTIONS[name])}
+    train = _without_legacy_values({k: v for k, v in settings.items() if k not in skipped}, LATER_SETTINGS)
+    options = _without_legacy_values(method_config, LATER_METHOD_OPTIONS)
     return {**options, EVAL_TEMPERATURE: settings[EVAL_TEMPERATURE], "train": train}
+
+
+def _without_legacy_values(values: Mapping[str, Any], legacy: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` without the entries that hold their `legacy` value (LATER_SETTINGS, LATER_METHOD_OPTIONS)."""
+    return {name: value for name, value in values.items() if not (name in legacy and value == legacy[name])}
 
 
 def weights_sha256(state_dict: Mapping[str, Any]) -> str:
