@@ -97,7 +97,10 @@ class ProductSearch:
         else:
             self.retriever = bm25s.BM25(k1=BM25_K1, b=BM25_B, method="lucene")
             self.retriever.index([self.tokenize(doc) for doc in documents or []], show_progress=False)
-        self._vocab = self.retriever.vocab_dict
+        # bm25s keeps the empty string in its vocabulary (the stem of a lone "s", as in "women's") without a column in
+        # the score matrix, and rejects a query that holds it: only terms with a column can match.
+        indexed_terms = len(self.retriever.scores["indptr"]) - 1
+        self._vocab = {term: i for term, i in self.retriever.vocab_dict.items() if i < indexed_terms}
         self._memo: OrderedDict[str, list[int]] = OrderedDict()
         self._lock = threading.Lock()
 

@@ -379,3 +379,18 @@ def test_search_is_bm25_with_stemming_and_stop_words() -> None:
     # equal scores keep catalogue order
     tied = webshop.ProductSearch(["lamp", "lamp", "lamp"])
     assert tied.search("lamp") == [0, 1, 2]
+
+
+def test_a_query_term_that_stems_to_nothing_is_ignored_not_an_error(tmp_path) -> None:
+    """"women's" tokenises to "women" and "s", which stems to "". When no document holds a lone "s" (the generated
+    catalogue), bm25s keeps "" in its vocabulary without a column in the score matrix and raised ValueError on such
+    a query (a trained WebShopGen policy wrote one). Built and reloaded from disk alike, the query now scores as if
+    the lone "s" were absent; where documents hold one, "" is an indexed term as before."""
+    search = webshop.ProductSearch(["women red dress", "men blue shirt", "red shoes"])
+    assert search.tokenize("women's") == ["women", ""]
+    search.save(tmp_path / "index")
+    for index in (search, webshop.ProductSearch(saved=tmp_path / "index")):
+        assert index.search("women's red") == index.search("women red") == [0, 2]
+        assert index.search("s") == []
+    possessive = webshop.ProductSearch(["women's red dress", "men blue shirt"])
+    assert possessive.search("women's") == [0]
