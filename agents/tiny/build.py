@@ -25,6 +25,7 @@ from craft_bench.agents.prompts import PromptConfig
 from craft_bench.agents.tiny.budget import LATER_FIELDS, RECIPE_VERSION, TinyBudget, env_budget_name, resolve_budget
 from craft_bench.agents.tiny.data import ExpertRecord, collect_expert_records
 from craft_bench.agents.tiny.model import count_parameters, make_model
+from craft_bench.agents.tiny.copying import pretrain_copying
 from craft_bench.agents.tiny.sft import make_examples, relabel_ids, tokenize_examples, train_model
 from craft_bench.agents.tiny.tokenizer import (
     name_tokenizer_class,
@@ -100,6 +101,12 @@ def train_and_save(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         stop_token_ids=[newline_token_id(tokenizer)],
     )
+    copy_pretraining = None
+    if budget.copy_pretrain_steps:
+        special = set(tokenizer.all_special_ids)
+        vocabulary = [i for i in range(len(tokenizer)) if i not in special]
+        copy_pretraining = pretrain_copying(model, vocabulary, budget.copy_pretrain_steps, generator, progress)
+    copied, copied_cpu = time.perf_counter(), time.process_time()
     epoch_losses = train_model(model, kept, budget, tokenizer.pad_token_id, generator, progress=progress)
     trained, trained_cpu = time.perf_counter(), time.process_time()
 
@@ -124,10 +131,13 @@ def train_and_save(
             "student": _percentiles([len(t.prompt_ids) for t, e in zip(tokenized, examples) if not e.teacher]),
             "teacher": _percentiles([len(t.prompt_ids) for t, e in zip(tokenized, examples) if e.teacher]),
         },
+        "copy_pretraining": copy_pretraining,
         "epoch_losses": [round(loss, 4) for loss in epoch_losses],
-        "seconds": {"tokenize": round(tokenized_at - started, 1), "train": round(trained - tokenized_at, 1)},
+        "seconds": {"tokenize": round(tokenized_at - started, 1), "copy_pretrain": round(copied - tokenized_at, 1),
+                    "train": round(trained - copied, 1)},
         "cpu_seconds": {"tokenize": round(tokenized_cpu - cpu_started, 1),
-                        "train": round(trained_cpu - tokenized_cpu, 1)},
+                        "copy_pretrain": round(copied_cpu - tokenized_cpu, 1),
+                        "train": round(trained_cpu - copied_cpu, 1)},
         "torch_threads": torch.get_num_threads(),
     }
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
