@@ -4,8 +4,9 @@
 Modules, in build order: `data` (expert and perturbed episodes on the group runner), `sft` (examples in the student
 and teacher prompt formats, supervised fine-tuning on the reply tokens), `tokenizer` (byte-level BPE, newline a
 token of its own), `model` (the architecture, shared with the benchmarks), `copying` (optional copy pre-training
-before the fine-tuning), `budget` (build settings and presets), `build` (build and cache). `evaluate` and the CLI (`python -m craft_bench.agents.tiny`) sit above the policy and are
-not imported here: the policy imports this package to resolve `--model tiny`, never the other way round.
+before the fine-tuning), `budget` (build settings and presets), `build` (build and cache). `evaluate` and the CLI
+(`python -m craft_bench.agents.tiny`) sit above the policy and are not imported here: the policy imports this package
+to resolve `--model tiny`, never the other way round.
 """
 
 from craft_bench.agents.tiny.budget import BUDGETS, RECIPE_VERSION, TinyBudget, resolve_budget

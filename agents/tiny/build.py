@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from craft_bench.agents.prompts import PromptConfig
 from craft_bench.agents.tiny.budget import LATER_FIELDS, RECIPE_VERSION, TinyBudget, env_budget_name, resolve_budget
+from craft_bench.agents.tiny.copying import pretrain_copying
 from craft_bench.agents.tiny.data import ExpertRecord, collect_expert_records
 from craft_bench.agents.tiny.model import count_parameters, make_model
-from craft_bench.agents.tiny.copying import pretrain_copying
 from craft_bench.agents.tiny.sft import make_examples, relabel_ids, tokenize_examples, train_model
 from craft_bench.agents.tiny.tokenizer import (
     name_tokenizer_class,

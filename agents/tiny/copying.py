@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from craft_bench.agents.tiny.sft import next_token_logits
 from tqdm.auto import tqdm
 
 #: The task's constants (part of the recipe: changing one changes every model built with copy pre-training).
@@ -30,6 +31,8 @@ MAX_GAP = 5
 
 @dataclass(frozen=True)
 class CopyBatch:
+    """Sequences of the copy task and which of their next-token predictions the context determines."""
+
     tokens: torch.Tensor
     """(batch, length) token ids."""
     target_mask: torch.Tensor
@@ -57,7 +60,7 @@ def copy_batch(vocabulary: torch.Tensor, generator: torch.Generator, batch_size:
             if draws[row, position] < SPAN_START_PROB:
                 span = min(int(spans[row, position]), length - position)
                 source = int(sources[row, position] * (position - span + 1))  # the copy ends before it starts
-                tokens[row, position : position + span] = tokens[row, source : source + span].clone()
+                tokens[row, position : position + span] = tokens[row, source : source + span]
                 copied[row, position + 1 : position + span] = True
                 position += span
             else:
@@ -67,14 +70,13 @@ def copy_batch(vocabulary: torch.Tensor, generator: torch.Generator, batch_size:
 
 def copy_loss(model, batch: CopyBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the copied tokens (the LM head runs on those positions only) and the share predicted right."""
-    hidden = model.model(input_ids=batch.tokens).last_hidden_state[:, :-1]
-    logits = model.lm_head(hidden[batch.target_mask])
-    targets = batch.tokens[:, 1:][batch.target_mask]
+    hidden = model.model(input_ids=batch.tokens).last_hidden_state
+    logits, targets = next_token_logits(model, hidden, batch.tokens, batch.target_mask)
     return torch.nn.functional.cross_entropy(logits.float(), targets), (logits.argmax(-1) == targets).float().mean()
 
 
 def pretrain_copying(model, vocabulary: Sequence[int], steps: int, generator: torch.Generator,
-                     progress: bool = True) -> dict[str, float]:
+                     progress: bool = True) -> dict[str, int | float]:
     """`steps` AdamW updates (lr `LR`, constant, gradient clipping at 1) on `copy_batch`es drawn from `generator`.
 
     Returns the last update's loss and the copy accuracy on a fresh batch after training (chance is about

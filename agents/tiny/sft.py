@@ -128,20 +128,24 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torc
             "prompt_target_mask": prompt_target_mask}
 
 
+def next_token_logits(model, hidden: torch.Tensor, input_ids: torch.Tensor,
+                      predicts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM head's logits at the positions `predicts` marks ((batch, width - 1): position t predicts token t+1) and
+    the tokens they predict; the head runs on those positions only, since most positions of a long prompt need none."""
+    return model.lm_head(hidden[:, :-1][predicts]), input_ids[:, 1:][predicts]
+
+
 def reply_loss(model, batch: dict[str, torch.Tensor], prompt_loss_weight: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of the reply tokens, plus `prompt_loss_weight` x the mean cross-entropy of the prompt
     tokens after the first. At weight 0 the LM head runs on the reply positions only (prompts are long)."""
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    mask = batch["target_mask"]
-    logits = model.lm_head(hidden[mask])
-    targets = batch["input_ids"][:, 1:][mask[:, :-1]]
+    # The last position predicts nothing: neither mask marks it (`collate`).
+    logits, targets = next_token_logits(model, hidden, batch["input_ids"], batch["target_mask"][:, :-1])
     loss = torch.nn.functional.cross_entropy(logits.float(), targets)
     if prompt_loss_weight == 0.0:
         return loss
-    prompt_mask = batch["prompt_target_mask"]
-    prompt_logits = model.lm_head(hidden[prompt_mask])
-    prompt_targets = batch["input_ids"][:, 1:][prompt_mask[:, :-1]]
-    return loss + prompt_loss_weight * torch.nn.functional.cross_entropy(prompt_logits.float(), prompt_targets)
+    logits, targets = next_token_logits(model, hidden, batch["input_ids"], batch["prompt_target_mask"][:, :-1])
+    return loss + prompt_loss_weight * torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
 def train_model(
