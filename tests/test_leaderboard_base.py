@@ -54,7 +54,26 @@ def test_without_a_grpo_entry_of_its_protocol_base_says_so(tmp_path):
     _submit(tmp_path, root, "grpo", [_row(seed=0, method_config=_config("grpo", max_new_tokens=99))])
     _submit(tmp_path, root, "base", [_row(method="base", train_steps=0, method_config=_config("base"))])
     base_line = next(line for line in _lines(root).values() if line.startswith("| base "))
-    assert base_line.endswith("| — (no single grpo entry with its evaluation settings) |")
+    assert base_line.endswith("| — (no grpo entry with its evaluation settings) |")
+
+
+def test_base_is_compared_with_every_grpo_configuration_of_its_protocol(tmp_path):
+    root = tmp_path / "lb"
+    # Two GRPO configurations (a preset and a sweep point) evaluated like the base: both are measured against it.
+    for lr, rates in ((1e-3, {0: 0.1, 1: 0.2, 2: 0.3}), (1e-4, {0: 0.5, 1: 0.5, 2: 0.8})):
+        _submit(tmp_path, root, f"grpo{lr}", [_row(seed=s, success_rate=r, method_config=_config("grpo", lr=lr))
+                                              for s, r in rates.items()])
+    _submit(tmp_path, root, "base", [_row(method="base", train_steps=0, seed=s, success_rate=0.4,
+                                          method_config=_config("base")) for s in (0, 1, 2)])
+    lines = _lines(root)
+    base_line = next(line for line in lines.values() if line.startswith("| base "))
+    ids = {lr: next(key for key, line in lines.items() if line.startswith("| grpo ") and f"{rate}" in line)
+           for lr, rate in ((1e-3, "0.200"), (1e-4, "0.600"))}
+    # 0.4 - (0.1, 0.2, 0.3) = (0.3, 0.2, 0.1): +0.200 ± t(0.975, 2) · 0.1 / sqrt(3) = ± 0.248.
+    # 0.4 - (0.5, 0.5, 0.8) = (-0.1, -0.1, -0.4): -0.200 ± 4.303 · 0.1732 / sqrt(3) = ± 0.430.
+    cell = base_line.rsplit(" | ", 1)[1]
+    assert f"+0.200 [-0.048, +0.448] (n=3) vs `{ids[1e-3]}`" in cell
+    assert f"-0.200 [-0.630, +0.230] (n=3) vs `{ids[1e-4]}`" in cell
 
 
 def test_a_sampled_base_is_paired_with_grpo_seed_by_seed(tmp_path):

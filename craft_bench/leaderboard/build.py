@@ -218,17 +218,19 @@ def _evaluation_protocol_matches(base: dict[str, Any], other: dict[str, Any]) ->
             and all(other_train.get(name) == value for name, value in base_train.items()))
 
 
-def _reference_entry(entry: dict[str, Any], group: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The GRPO entry a method is compared with: the group's only GRPO entry, or else the one GRPO entry with the same
-    trainer settings; None when there is no such single entry. The untrained `base` entry, which records no
-    training settings, is compared with the one GRPO entry evaluated under its protocol (same evaluation settings)."""
+def _reference_entries(entry: dict[str, Any], group: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The GRPO entries a row is compared with. A method: the group's only GRPO entry, or else the one GRPO entry with
+    the same trainer settings; none when there is no such single entry. The untrained `base` entry, which records no
+    training settings, is compared with every GRPO entry evaluated under its protocol (same evaluation settings), so
+    each GRPO configuration of the table (a preset, a learning-rate sweep point) is measured against the untrained
+    model."""
     candidates = [r for r in group if r["method"] == REFERENCE_METHOD]
     if entry["method"] == BASE_METHOD:
-        candidates = [r for r in candidates if _evaluation_protocol_matches(entry, r)]
-    elif len(candidates) > 1:
+        return [r for r in candidates if _evaluation_protocol_matches(entry, r)]
+    if len(candidates) > 1:
         candidates = [r for r in candidates if _train_settings(r["method_config"])
                       == _train_settings(entry["method_config"])]
-    return candidates[0] if len(candidates) == 1 else None
+    return candidates if len(candidates) == 1 else []
 
 
 def _is_constant(entry: dict[str, Any]) -> bool:
@@ -237,15 +239,8 @@ def _is_constant(entry: dict[str, Any]) -> bool:
     return entry["method"] == BASE_METHOD and entry["temperature"] == 0
 
 
-def versus_grpo(entry: dict[str, Any], group: list[dict[str, Any]]) -> str:
-    """The success difference to GRPO as table text: `+0.021 [-0.050, +0.092] (n=3)`, the CI from
-    `paired_difference`."""
-    reference = _reference_entry(entry, group)
-    if reference is None:
-        protocol = " with its evaluation settings" if entry["method"] == BASE_METHOD else ""
-        return f"{NO_SE} (no single {REFERENCE_METHOD} entry{protocol})"
-    if reference is entry:
-        return "reference"
+def _difference_text(entry: dict[str, Any], reference: dict[str, Any]) -> str:
+    """`+0.021 [-0.050, +0.092] (n=3)`: the success difference to one GRPO entry, the CI from `paired_difference`."""
     try:
         mean, low, high, n = paired_difference(entry["by_seed"], reference["by_seed"], constant=_is_constant(entry))
     except ValueError:
@@ -253,6 +248,21 @@ def versus_grpo(entry: dict[str, Any], group: list[dict[str, Any]]) -> str:
     if low is None:
         return f"{mean:+.3f} (n=1, no interval)"
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (n={n})"
+
+
+def versus_grpo(entry: dict[str, Any], group: list[dict[str, Any]]) -> str:
+    """The success difference to GRPO as table text: `+0.021 [-0.050, +0.092] (n=3)`. A `base` row facing several
+    GRPO configurations gives one difference per configuration, each followed by its config id."""
+    references = _reference_entries(entry, group)
+    if not references:
+        if entry["method"] == BASE_METHOD:
+            return f"{NO_SE} (no {REFERENCE_METHOD} entry with its evaluation settings)"
+        return f"{NO_SE} (no single {REFERENCE_METHOD} entry)"
+    if references == [entry]:
+        return "reference"
+    if len(references) == 1:
+        return _difference_text(entry, references[0])
+    return "; ".join(f"{_difference_text(entry, r)} vs `{r['config']}`" for r in references)
 
 
 def _group_heading(g: dict[str, Any]) -> str:
