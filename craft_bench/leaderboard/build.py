@@ -408,7 +408,7 @@ def learning_curve_figure(title: str, evals: dict[str, list[tuple[float, list[fl
                                  label=f"{label}: untrained, mean of n={len(successes)} seeds")
                     continue
                 x = float(len(ticks))
-                ticks.append((x, f"{label}\n{steps:g} steps"))
+                ticks.append((x, f"{label}, {steps:g} steps"))  # one line: two-line labels collide when rotated
                 left.errorbar([x], [mean], yerr=None if se is None else [se], color=color, capsize=4, markersize=7,
                               linestyle="none", marker=style["marker"], label=f"{label} (n={len(successes)} seeds)")
             seeds = curves.get(label)
@@ -424,8 +424,8 @@ def learning_curve_figure(title: str, evals: dict[str, list[tuple[float, list[fl
             band = (count >= 2).to_numpy()
             right.fill_between(mean.index[band], (mean - se)[band], (mean + se)[band], color=color, alpha=0.15,
                                linewidth=0)
-        left.set_xticks([x for x, _ in ticks], [text for _, text in ticks], rotation=30, ha="right",
-                        fontsize="small")
+        left.set_xticks([x for x, _ in ticks], [text for _, text in ticks], rotation=35, ha="right",
+                        rotation_mode="anchor", fontsize="small" if len(ticks) <= 6 else "x-small")
         left.set_xlim(-0.6, max(len(ticks), 1) - 0.4)
         left.set_title("held-out eval success after training")
         left.set_ylabel(f"success rate ({BAND})")
@@ -435,8 +435,9 @@ def learning_curve_figure(title: str, evals: dict[str, list[tuple[float, list[fl
         for axes in (left, right):
             axes.set_ylim(0.0, min(1.0, top * 1.15 + 0.02))
             axes.grid(alpha=0.3)
-            if axes.get_legend_handles_labels()[0]:
-                axes.legend(loc="best", fontsize="small")
+            entries = len(axes.get_legend_handles_labels()[0])
+            if entries:  # a see-through legend, so that points behind a long one stay visible
+                axes.legend(loc="best", fontsize="small" if entries <= 6 else "x-small", framealpha=0.5)
         figure.suptitle(title)
         figure.tight_layout()
     return figure
