@@ -425,7 +425,7 @@ def learning_curve_figure(title: str, evals: dict[str, list[tuple[float, list[fl
             right.fill_between(mean.index[band], (mean - se)[band], (mean + se)[band], color=color, alpha=0.15,
                                linewidth=0)
         left.set_xticks([x for x, _ in ticks], [text for _, text in ticks], rotation=35, ha="right",
-                        rotation_mode="anchor", fontsize="small" if len(ticks) <= 6 else "x-small")
+                        rotation_mode="anchor", fontsize=_label_size(len(ticks)))
         left.set_xlim(-0.6, max(len(ticks), 1) - 0.4)
         left.set_title("held-out eval success after training")
         left.set_ylabel(f"success rate ({BAND})")
@@ -437,10 +437,15 @@ def learning_curve_figure(title: str, evals: dict[str, list[tuple[float, list[fl
             axes.grid(alpha=0.3)
             entries = len(axes.get_legend_handles_labels()[0])
             if entries:  # a see-through legend, so that points behind a long one stay visible
-                axes.legend(loc="best", fontsize="small" if entries <= 6 else "x-small", framealpha=0.5)
+                axes.legend(loc="best", fontsize=_label_size(entries), framealpha=0.5)
         figure.suptitle(title)
         figure.tight_layout()
     return figure
+
+
+def _label_size(count: int) -> str:
+    """Font size of `count` tick labels or legend entries: smaller past 6, where "small" ones collide."""
+    return "small" if count <= 6 else "x-small"
 
 
 def _png(figure: Figure) -> bytes:
