@@ -48,12 +48,17 @@ def install_engine_memos() -> None:
     """Memoise the pure parsing and translation TextWorld's PDDL engine repeats on every step and reset (idempotent).
 
     TextWorld re-parses each grammar template (`textgen._parse_and_convert`) and each rule condition
-    (`Rule.parse_conjunctive_query`) with tatsu on every derivation, about 75% of an ALFWorld step, and translates
-    the same PDDL problem to SAS (`fast_downward.pddl2sas`) twice per reset. All three are pure functions of their
-    arguments, so caching them changes no output (tests/test_alfworld.py pins this); parsed templates are
-    deep-copied on the way out because derivation writes into them. Steps get 4-5x faster, resets about 2x.
+    (`Rule.parse_conjunctive_query`) with tatsu on every derivation, about 75% of an ALFWorld step, translates
+    the same PDDL problem to SAS (`fast_downward.pddl2sas`) twice per reset, and parses the game's whole grammar
+    (`GameLogic`, via `pddl.logic._parse_and_convert`) on every load, about 60% of a reset once the translation is
+    cached. All four are pure functions of their arguments, so caching them changes no output (tests/test_alfworld.py
+    pins this); parsed templates are deep-copied on the way out because derivation writes into them, while a game's
+    parsed grammar is only read (its actions' templates and rules), so siblings loading one game share it as
+    TextWorld's own `reset` shares it between episodes of a game. Steps get 4-5x faster, resets about 2x, and a
+    sibling's reset of a game already loaded in its process about 2x again (`python -m craft_bench.bench envs`).
     """
     import fast_downward
+    import textworld.envs.pddl.logic as pddl_logic
     import textworld.envs.pddl.textgen as textgen
     from textworld.logic import Rule
 
@@ -62,9 +67,21 @@ def install_engine_memos() -> None:
     stock_template = _STOCK["template"] = textgen._parse_and_convert
     stock_query = _STOCK["query"] = Rule.__dict__["parse_conjunctive_query"]
     stock_translate = _STOCK["translate"] = fast_downward.pddl2sas
+    stock_game_grammar = _STOCK["game_grammar"] = pddl_logic._parse_and_convert
     templates: dict[Any, Any] = {}
     queries: dict[str, Any] = {}
     translations: OrderedDict[Any, Any] = OrderedDict()
+    game_grammars: OrderedDict[Any, Any] = OrderedDict()
+
+    def remembered(memo: OrderedDict[Any, Any], key: Any, compute: Any) -> Any:
+        """memo[key], computed on a miss; the least recently used entry goes beyond TRANSLATION_MEMO_SIZE."""
+        if key in memo:
+            memo.move_to_end(key)
+        else:
+            memo[key] = compute()
+            if len(memo) > TRANSLATION_MEMO_SIZE:
+                memo.popitem(last=False)
+        return memo[key]
 
     def parse_template(*args: Any, **kwargs: Any) -> Any:
         key = (args, tuple(sorted(kwargs.items())))
@@ -79,22 +96,22 @@ def install_engine_memos() -> None:
 
     def translate(*args: Any, **kwargs: Any) -> Any:
         key = (args, tuple(sorted(kwargs.items())))
-        if key in translations:
-            translations.move_to_end(key)
-        else:
-            translations[key] = stock_translate(*args, **kwargs)
-            if len(translations) > TRANSLATION_MEMO_SIZE:
-                translations.popitem(last=False)
-        return translations[key]
+        return remembered(translations, key, lambda: stock_translate(*args, **kwargs))
+
+    def parse_game_grammar(*args: Any, **kwargs: Any) -> Any:
+        key = (args, tuple(sorted(kwargs.items())))
+        return remembered(game_grammars, key, lambda: stock_game_grammar(*args, **kwargs))
 
     textgen._parse_and_convert = parse_template
     Rule.parse_conjunctive_query = classmethod(parse_query)
     fast_downward.pddl2sas = translate
+    pddl_logic._parse_and_convert = parse_game_grammar
 
 
 def uninstall_engine_memos() -> None:
     """Restore TextWorld's and Fast Downward's own functions (to measure the engine exactly as shipped)."""
     import fast_downward
+    import textworld.envs.pddl.logic as pddl_logic
     import textworld.envs.pddl.textgen as textgen
     from textworld.logic import Rule
 
@@ -102,6 +119,7 @@ def uninstall_engine_memos() -> None:
         textgen._parse_and_convert = _STOCK.pop("template")
         Rule.parse_conjunctive_query = _STOCK.pop("query")
         fast_downward.pddl2sas = _STOCK.pop("translate")
+        pddl_logic._parse_and_convert = _STOCK.pop("game_grammar")
 
 
 class _AlfredEngine:

@@ -262,14 +262,20 @@ def test_engine_memos_change_no_output() -> None:
 
     game = str(alfworld_gen.cached_game("gen/valid/pick_heat_then_place_in_recep-000000") / "game.tw-pddl")
 
-    def play() -> list[tuple[str, tuple[str, ...]]]:
-        env = AlfredInfos(AlfredDemangler()(PddlEnv(textworld.EnvInfos(won=True, admissible_commands=True))))
-        env.load(game)
-        state, rng, seen = env.reset(), np.random.default_rng(0), []
+    def play() -> list[tuple[int, str, tuple[str, ...]]]:
+        # Two siblings of one game, stepped alternately with their own random actions: with the memos they share
+        # the game's parsed grammar (and translation), which must change neither one's episode.
+        envs = [AlfredInfos(AlfredDemangler()(PddlEnv(textworld.EnvInfos(won=True, admissible_commands=True))))
+                for _ in range(2)]
+        states, rngs, seen = [], [np.random.default_rng(k) for k in range(2)], []
+        for env in envs:
+            env.load(game)
+            states.append(env.reset())
         for _ in range(12):
-            commands = state["admissible_commands"]
-            state, _, _ = env.step(commands[int(rng.integers(len(commands)))])
-            seen.append((state["feedback"], tuple(state["admissible_commands"])))
+            for k, env in enumerate(envs):
+                commands = states[k]["admissible_commands"]
+                states[k], _, _ = env.step(commands[int(rngs[k].integers(len(commands)))])
+                seen.append((k, states[k]["feedback"], tuple(states[k]["admissible_commands"])))
         return seen
 
     uninstall_engine_memos()
@@ -278,6 +284,13 @@ def test_engine_memos_change_no_output() -> None:
     finally:
         install_engine_memos()
     assert play() == stock
+    # ...and the memo is what the siblings used: their parsed grammars are one object, parsed once.
+    first, second = PddlEnv(textworld.EnvInfos()), PddlEnv(textworld.EnvInfos())
+    first.load(game)
+    second.load(game)
+    assert first._logic.actions and all(
+        first._logic.actions[name] is action for name, action in second._logic.actions.items()
+    )
 
 
 def test_official_game_with_goal_placeholder_gets_the_templated_goal(official_root: Path, tmp_path: Path) -> None:
