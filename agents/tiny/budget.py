@@ -17,7 +17,10 @@ RECIPE_VERSION = "3"
 #: value a field stays out of the cache key, so every older build keeps its key (and a shipped model its pin).
 LATER_FIELDS: dict[str, object] = {
     "prompt_loss_weight": 0.0, "id_prefix": "", "id_body_length": 0, "relabel_ids": False, "copy_pretrain_steps": 0,
+    "student_labels": "plan",
 }
+#: Where the student-format examples' labels come from (`TinyBudget.student_labels`).
+STUDENT_LABELS = ("plan", "search")
 
 
 @dataclass(frozen=True)
@@ -69,12 +72,20 @@ class TinyBudget:
     copy_pretrain_steps: int = 0
     """Updates of copy pre-training (`copying.pretrain_copying`) before fine-tuning; 0 skips it. It forms the
     attention heads that copy an unseen name from the prompt (docs/tiny_models.md measures when they form)."""
+    student_labels: str = "plan"
+    """Who labels the states rendered in the student format, and plays the episodes: `plan`, the planner (the
+    teacher's label too), or `search`, the environment's searching expert (`data.SEARCHING_EXPERTS`), which uses only
+    what the student prompt shows and looks for hidden objects instead of going straight to them; teacher-format
+    states keep the planner's label. Only environments with a searching expert accept `search`."""
 
     def __post_init__(self) -> None:
         for name in ("n_train_tasks", "max_episode_steps", "vocab_size", "hidden_size", "intermediate_size",
                      "num_layers", "num_heads", "max_positions", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TinyBudget.{name} must be >= 1, got {getattr(self, name)}")
+        if self.student_labels not in STUDENT_LABELS:
+            raise ValueError(f"TinyBudget.student_labels must be one of {', '.join(STUDENT_LABELS)}, got "
+                             f"{self.student_labels!r}")
         if self.copy_pretrain_steps < 0:
             raise ValueError(f"TinyBudget.copy_pretrain_steps must be >= 0, got {self.copy_pretrain_steps}")
         if self.clean_per_task < 0 or self.perturbed_per_task < 0:
@@ -122,6 +133,10 @@ BUDGETS: dict[str, TinyBudget] = {
         num_layers=2, num_heads=4, max_positions=1024, epochs=2.0, batch_size=16, lr=2e-3,
     ),
     "default": TinyBudget(),
+    # craft/ALFWorldGen-v0 (docs/tiny_models.md): the default budget with the student-format states labelled, and
+    # the episodes played, by the searching expert (envs/alfworld_search.py), which looks for an object it has not
+    # seen instead of going straight to where the planner knows it is; the teacher format keeps the planner's labels.
+    "search": TinyBudget(student_labels="search"),
     # craft/TextWorld-v0 with family="cooking", level=1, n_games=64 (docs/tiny_models.md): an episode is 3-4 expert
     # steps in one kitchen; 6 perturbed draws per game. Cooking's goal never names the ingredient (the cookbook does,
     # and the expert does not read it), so only the teacher block tells which one to take; teacher_fraction 0.8 shows

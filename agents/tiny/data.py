@@ -14,13 +14,17 @@ What a perturbation is follows the environment's action format (`info["action_fo
   action the state lists, or one the episode already took (a repeated search); malformed when there is none.
 Both kinds put the environment's invalid-action feedback into the data, which a model would otherwise meet for the
 first time at evaluation and answer by repeating the rejected action.
+
+With `student_labels="search"` the episodes follow the environment's searching expert (`SEARCHING_EXPERTS`), which
+knows only what the student prompt shows, and each state carries two labels: the searching expert's for the student
+format, the planner's for the teacher format (the privileged block tells the teacher where things are).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +33,20 @@ from tqdm.auto import tqdm
 
 from craft_bench.agents.prompts import PromptConfig, as_action_format, student_text
 from craft_bench.agents.tiny.budget import TinyBudget
+from craft_bench.envs import alfworld_search
 from craft_bench.envs.group_runner import GroupRunner
 from craft_bench.envs.tasks import split_task_ids
 
 #: Task draws reset together on the runner. A constant of the recipe (not a knob): the reset seeds depend on it.
 TASKS_PER_RESET = 16
+
+#: Environments with a searching expert: (plan, observation, admissible actions, accepted actions so far) -> action.
+SearchingExpert = Callable[[Sequence[str], str, Sequence[str], Sequence[str]], "str | None"]
+SEARCHING_EXPERTS: dict[str, SearchingExpert] = {
+    env_id: lambda plan, obs, admissible, accepted: alfworld_search.searching_action(
+        plan, obs, admissible, alfworld_search.location_after(accepted))
+    for env_id in ("craft/ALFWorldGen-v0", "craft/ALFWorld-v0")
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,9 @@ class ExpertRecord:
     privileged: str
     """The teacher block (`info["privileged"]["text"]`)."""
     action: str
+    """The label of the student format (and of the teacher format when `teacher_action` is None)."""
+    teacher_action: str | None = None
+    """The planner's action where it differs from `action` (searching-expert labels), else None."""
 
 
 @dataclass
@@ -100,6 +116,12 @@ def collect_expert_records(
     """
     if budget.clean_per_task + budget.perturbed_per_task < 1:
         raise ValueError("the budget plays no episode per task")
+    searcher = None
+    if budget.student_labels == "search":
+        if env_id not in SEARCHING_EXPERTS:
+            raise ValueError(f"student_labels='search' needs a searching expert, and {env_id} has none; "
+                             f"environments with one: {', '.join(sorted(SEARCHING_EXPERTS))}")
+        searcher = SEARCHING_EXPERTS[env_id]
     task_ids = split_task_ids(env_id, split, env_kwargs)
     if not task_ids:
         raise ValueError(f"{env_id} has no tasks in split {split!r}")
@@ -124,10 +146,10 @@ def collect_expert_records(
                 for sibling in range(group_size)
             ]
             _play(runner, chunk, group_size, int(np.random.SeedSequence([seed, 3, reset_index]).generate_state(1)[0]),
-                  episodes, budget.invalid_share, prompt_config, stats)
+                  episodes, budget.invalid_share, prompt_config, stats, searcher)
             for episode in episodes:
                 for record in episode.records:
-                    records.setdefault((record.student, record.privileged, record.action), record)
+                    records.setdefault((record.student, record.privileged, record.action, record.teacher_action), record)
             bar.update(len(chunk))
             bar.set_postfix(records=len(records), won=f"{stats.episodes_won}/{stats.episodes}")
     bar.close()
@@ -144,6 +166,7 @@ def _play(
     invalid_share: float,
     prompt_config: PromptConfig,
     stats: CollectionStats,
+    searcher: SearchingExpert | None = None,
 ) -> None:
     """Play one reset's episodes to the end in lockstep, filling each `_Episode`'s records."""
     observations, infos = runner.reset(list(tasks), group_size, seed=reset_seed)
@@ -153,7 +176,7 @@ def _play(
         for slot, episode in enumerate(episodes):
             if runner.active[slot]:
                 actions[slot] = _next_action(episode, observations[slot], infos[slot], invalid_share, prompt_config,
-                                             stats)
+                                             stats, searcher)
         for slot, result in enumerate(runner.step(actions)):
             if result is None:
                 continue
@@ -176,10 +199,12 @@ def _next_action(
     invalid_share: float,
     prompt_config: PromptConfig,
     stats: CollectionStats,
+    searcher: SearchingExpert | None = None,
 ) -> str:
     """Record the state with the expert's label and return the action to execute (the expert's or a perturbation).
-    An episode whose expert has no usable plan is abandoned: it sends the empty command, which every environment
-    rejects without engine work, until the runner truncates it."""
+    With a `searcher` the student's label and the executed action are the searching expert's, the teacher's label
+    the planner's. An episode whose expert has no usable plan is abandoned: it sends the empty command, which every
+    environment rejects without engine work, until the runner truncates it."""
     if episode.abandoned:
         return ""
     action_format = info["action_format"]
@@ -191,8 +216,13 @@ def _next_action(
         episode.abandoned = True
         return ""
     expert = plan[0]
+    teacher_action = None
+    if searcher is not None:
+        searched = searcher(plan, observation, admissible, episode.accepted)
+        if searched is not None and searched != expert:
+            expert, teacher_action = searched, plan[0]
     student = student_text(info["goal"], episode.history, observation, admissible, prompt_config, action_format)
-    episode.records.append(ExpertRecord(episode.task_id, student, info["privileged"]["text"], expert))
+    episode.records.append(ExpertRecord(episode.task_id, student, info["privileged"]["text"], expert, teacher_action))
     episode.seen.update(dict.fromkeys(admissible))
     action = expert
     if episode.perturb_prob > 0 and episode.rng.random() < episode.perturb_prob:

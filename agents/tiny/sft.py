@@ -33,13 +33,15 @@ class TextExample:
 
 def make_examples(records: Sequence[ExpertRecord], teacher_fraction: float, seed: int) -> list[TextExample]:
     """Render each record in the teacher format with probability `teacher_fraction`, else in the student format.
-    The prompt is the plain format of agents/prompts.py, the reply the expert's action and a newline."""
+    The prompt is the plain format of agents/prompts.py, the reply the expert's action and a newline (the record's
+    `teacher_action` in the teacher format when it has one)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
     use_teacher = rng.random(len(records)) < teacher_fraction
     examples = []
     for record, teacher in zip(records, use_teacher):
         text = teacher_text(record.privileged, record.student) if teacher else record.student
-        examples.append(TextExample(format_prompt(_PLAIN, text), format_response(_PLAIN, record.action), bool(teacher)))
+        action = (record.teacher_action or record.action) if teacher else record.action
+        examples.append(TextExample(format_prompt(_PLAIN, text), format_response(_PLAIN, action), bool(teacher)))
     return examples
 
 
