@@ -39,8 +39,8 @@ PLAN_MEMO_SIZE = 4096
 
 
 _STOCK: dict[str, Any] = {}
-#: Translated problems kept by the translation memo: a reset translates its problem twice (load and reset build a
-#: PddlState each), and GRPO siblings and later epochs reset the same games again.
+#: Games kept by the translation and grammar memos: a reset translates its problem twice (load and reset build a
+#: PddlState each) and parses its grammar once, and GRPO siblings and later epochs reset the same games again.
 TRANSLATION_MEMO_SIZE = 64
 
 
@@ -55,7 +55,7 @@ def install_engine_memos() -> None:
     pins this); parsed templates are deep-copied on the way out because derivation writes into them, while a game's
     parsed grammar is only read (its actions' templates and rules), so siblings loading one game share it as
     TextWorld's own `reset` shares it between episodes of a game. Steps get 4-5x faster, resets about 2x, and a
-    sibling's reset of a game already loaded in its process about 2x again (`python -m craft_bench.bench envs`).
+    sibling's reset of a game already loaded in its process about 2x again (docs/benchmarks.md).
     """
     import fast_downward
     import textworld.envs.pddl.logic as pddl_logic
