@@ -55,7 +55,7 @@ def install_engine_memos() -> None:
     pins this); parsed templates are deep-copied on the way out because derivation writes into them, while a game's
     parsed grammar is only read (its actions' templates and rules), so siblings loading one game share it as
     TextWorld's own `reset` shares it between episodes of a game. Steps get 4-5x faster, resets about 2x, and a
-    sibling's reset of a game already loaded in its process about 2x again (docs/benchmarks.md).
+    sibling's reset of a game already loaded in its process 2.6x again (docs/benchmarks.md).
     """
     import fast_downward
     import textworld.envs.pddl.logic as pddl_logic
@@ -73,12 +73,14 @@ def install_engine_memos() -> None:
     translations: OrderedDict[Any, Any] = OrderedDict()
     game_grammars: OrderedDict[Any, Any] = OrderedDict()
 
-    def remembered(memo: OrderedDict[Any, Any], key: Any, compute: Any) -> Any:
-        """memo[key], computed on a miss; the least recently used entry goes beyond TRANSLATION_MEMO_SIZE."""
+    def remembered(memo: OrderedDict[Any, Any], function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """function(*args, **kwargs), kept in `memo` by its arguments; beyond TRANSLATION_MEMO_SIZE entries the least
+        recently used goes."""
+        key = (args, tuple(sorted(kwargs.items())))
         if key in memo:
             memo.move_to_end(key)
         else:
-            memo[key] = compute()
+            memo[key] = function(*args, **kwargs)
             if len(memo) > TRANSLATION_MEMO_SIZE:
                 memo.popitem(last=False)
         return memo[key]
@@ -95,12 +97,10 @@ def install_engine_memos() -> None:
         return queries[expression]
 
     def translate(*args: Any, **kwargs: Any) -> Any:
-        key = (args, tuple(sorted(kwargs.items())))
-        return remembered(translations, key, lambda: stock_translate(*args, **kwargs))
+        return remembered(translations, stock_translate, args, kwargs)
 
     def parse_game_grammar(*args: Any, **kwargs: Any) -> Any:
-        key = (args, tuple(sorted(kwargs.items())))
-        return remembered(game_grammars, key, lambda: stock_game_grammar(*args, **kwargs))
+        return remembered(game_grammars, stock_game_grammar, args, kwargs)
 
     textgen._parse_and_convert = parse_template
     Rule.parse_conjunctive_query = classmethod(parse_query)

@@ -16,13 +16,15 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 
+from craft_bench.envs.alfworld_gen import LAMP_RECEPTACLES
+
 _TAKE = re.compile(r"^take (?P<obj>.+?) from (?P<recep>.+)$")
 _USE = re.compile(r"^use (?P<obj>.+)$")
 _GO = "go to "
 #: An entity as observations name it: one lower-case word and its number (`a apple 1`, `the cabinet 3`).
 _ENTITY = re.compile(r"\b[a-z]+ \d+\b")
-#: Where a desk lamp stands in ALFWorldGen's scenes (`alfworld_gen.LAMP_RECEPTACLES`), lower-cased.
-_LAMP_HOLDERS = frozenset(("desk", "sidetable", "dresser", "shelf", "coffeetable", "diningtable", "tvstand"))
+#: Where a desk lamp stands in ALFWorldGen's scenes, lower-cased as `entity_class` spells it.
+_LAMP_HOLDERS = frozenset(cls.lower() for cls in LAMP_RECEPTACLES)
 
 
 @lru_cache(maxsize=1)
@@ -36,7 +38,8 @@ def _holders() -> dict[str, frozenset[str]]:
 
 def entity_class(name: str) -> str:
     """`countertop 1` -> `countertop`, `desk lamp 2` -> `desklamp`: an entity's class as the constants spell it."""
-    return "".join(name.rsplit(" ", 1)[0].split()) if name.rsplit(" ", 1)[-1].isdigit() else "".join(name.split())
+    head, _, number = name.rpartition(" ")
+    return "".join((head if number.isdigit() else name).split())
 
 
 def location_after(accepted_actions: Sequence[str]) -> str | None:
