@@ -68,6 +68,9 @@ class TrainConfig:
     """Gymnasium id of the environment."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra constructor arguments of the environment (split and max_steps are set from the fields below)."""
+    train_env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `env_kwargs` for the training environment only, e.g. `{"n_games": 256}`: RL draws its tasks from a
+    larger pool than the evaluation's, and the tiny model is built (and named) from `env_kwargs` alone."""
     train_split: str = "train"
     """Split the training tasks are drawn from."""
     eval_split: str = "valid"
@@ -190,6 +193,11 @@ class TrainConfig:
                 f"π_θ_old's own); got engine={self.engine!r}, temperature={self.temperature}, top_p={self.top_p}: "
                 "use old_logprobs='rescore'"
             )
+        for name in ("env_kwargs", "train_env_kwargs"):
+            reserved = sorted({"split", "max_steps"} & set(getattr(self, name)))
+            if reserved:
+                problems.append(f"{name} may not set {reserved}: the split comes from train_split / eval_split and "
+                                "max_steps from max_turns")
         if self.rollout_waves < 1:
             problems.append(f"rollout_waves must be >= 1, got {self.rollout_waves}")
         for name in ("torch_threads", "rollout_threads"):
@@ -280,10 +288,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.state = TrainState(world_size=self.dp.world_size)
         env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns}
+        train_env_kwargs = {**env_kwargs, **config.train_env_kwargs}
         self._train_runner: Any = None  # a GroupRunner, started on first use: an evaluation never pays for its workers
         self._eval_runner = None  # started on first evaluation: a training-only process never pays for its workers
         self.eval_info: dict[str, Any] | None = None  # info of the first evaluation episode, set by evaluate()
-        self.train_tasks = split_task_ids(config.env_id, config.train_split, env_kwargs)
+        self.train_tasks = split_task_ids(config.env_id, config.train_split, train_env_kwargs)
         # The protocol's fixed episode list: evenly spread over the sorted split, so every task type is represented.
         self.eval_tasks = evaluation_task_ids(split_task_ids(config.env_id, config.eval_split, env_kwargs), config.eval_episodes)
         if len(self.train_tasks) < config.tasks_per_step:
@@ -486,15 +495,15 @@ class Trainer:
     def train_runner(self) -> Any:
         """The GroupRunner of the training split (its workers start on first use)."""
         if self._train_runner is None:
-            self._train_runner = self._make_runner(self.config.train_split)
+            self._train_runner = self._make_runner(self.config.train_split, self.config.train_env_kwargs)
         return self._train_runner
 
-    def _make_runner(self, split: str) -> Any:
-        """A GroupRunner of `split` with the config's env, turn cap and worker pool."""
+    def _make_runner(self, split: str, overrides: dict[str, Any] | None = None) -> Any:
+        """A GroupRunner of `split` with the config's env (its kwargs updated by `overrides`), turn cap and pool."""
         from craft_bench.envs.group_runner import GroupRunner
 
         config = self.config
-        env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns, "split": split}
+        env_kwargs = {**config.env_kwargs, **(overrides or {}), "max_steps": config.max_turns, "split": split}
         # "local" leaves the choice to the runner, which plays in this process when num_workers is 0.
         pool = None if config.env_workers == "local" else config.env_workers
         return GroupRunner(config.env_id, env_kwargs, config.num_workers, pool=pool, ray_address=config.ray_address)

@@ -67,7 +67,8 @@ class TextWorldEnv(TextAgentEnv):
     """TextWorld games from `textworld.challenges`, one compiled game per task id, built on first use.
 
     Args:
-        split: `train`, `valid` or `test`; each draws its games from its own seed range.
+        split: `train`, `valid`, `test`, or `sft` (games to fine-tune a model on before RL, `TinyBudget.collect_split`);
+            each draws its games from its own seed range.
         family: `coin_collector`, `treasure_hunter`, `cooking`, or a sequence of them (a mix).
         level: difficulty level, or a sequence of levels; every family is paired with every level. TextWorld's own
             levels for coin collector (1-100, 101-150, 201-233: the ones within 100 rooms) and treasure hunter

@@ -20,7 +20,9 @@ from craft_bench.envs.cache import build_verified, cache_dir
 GAMES_REVISION = "g2"
 
 #: Disjoint seed ranges: a split's game `i` is generated from seed `offset + i`, so no two splits share a seed.
-SPLIT_SEED_OFFSET: dict[str, int] = {"train": 0, "valid": 1_000_000, "test": 2_000_000}
+#: `sft` holds the games a model is fine-tuned on before RL (`TinyBudget.collect_split`), so that RL's `train` games
+#: are new to it; cooking draws its foods for `sft` from TextWorld's training foods, as for `train`.
+SPLIT_SEED_OFFSET: dict[str, int] = {"train": 0, "valid": 1_000_000, "test": 2_000_000, "sft": 3_000_000}
 SEEDS_PER_SPLIT = 1_000_000
 
 #: Our difficulty ladder for TextWorld's cooking challenge (which has settings, not levels), easiest first; each
@@ -151,8 +153,10 @@ def game_file(spec: GameSpec) -> Path:
 
 def _challenge_settings(spec: GameSpec) -> dict[str, Any]:
     if spec.family == "cooking":
-        # TextWorld's cooking generator has its own train/valid/test food split; use the one matching ours.
-        return dict(COOKING_LEVELS[spec.level], recipe_seed=spec.seed, split=spec.split)
+        # TextWorld's cooking generator has its own train/valid/test food split; use the one matching ours (`sft` is
+        # training data too).
+        food_split = "train" if spec.split == "sft" else spec.split
+        return dict(COOKING_LEVELS[spec.level], recipe_seed=spec.seed, split=food_split)
     return {"level": spec.level}
 
 

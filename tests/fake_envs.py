@@ -179,7 +179,7 @@ class PickPlaceEnv(TextAgentEnv):
 
     def __init__(self, split: str = "train", max_steps: int = 20, render_mode: str | None = None):
         super().__init__(split, max_steps, render_mode)
-        first = {"train": 0, "valid": 1000}.get(split)
+        first = {"train": 0, "valid": 1000, "sft": 2000}.get(split)
         if first is None:
             raise ValueError(f"unknown split {split!r}")
         self._ids = [f"{split}-{i:04d}" for i in range(first, first + 40)]

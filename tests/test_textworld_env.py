@@ -3,6 +3,7 @@ Games are compiled once per test module into a shared temporary $CRAFT_BENCH_HOM
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from craft_bench.envs.textworld_games import (
     FAMILIES,
     SPLIT_SEED_OFFSET,
     GameSpec,
+    _challenge_settings,
     game_file,
     game_pool,
     parse_task_id,
@@ -211,9 +213,16 @@ def test_split_pools_are_disjoint_sorted_and_cost_no_compilation(shared_cache):
     for split, ids in pools.items():
         assert ids == sorted(ids) and len(ids) == 150
         assert all(parse_task_id(task_id).split == split for task_id in ids)
-    assert not set(pools["train"]) & set(pools["valid"])
-    assert not set(pools["train"]) & set(pools["test"])
-    assert not set(pools["valid"]) & set(pools["test"])
+    assert set(pools) == {"train", "valid", "test", "sft"}
+    for first, second in itertools.combinations(pools, 2):
+        assert not set(pools[first]) & set(pools[second]), (first, second)
+
+
+def test_cooking_sft_games_use_the_training_foods():
+    # TextWorld's cooking generator splits its foods train/valid/test; fine-tuning games are training data.
+    for split, foods in (("sft", "train"), ("train", "train"), ("valid", "valid"), ("test", "test")):
+        spec = GameSpec("cooking", 1, SPLIT_SEED_OFFSET[split] + 5)
+        assert _challenge_settings(spec)["split"] == foods
 
 
 @pytest.mark.parametrize(

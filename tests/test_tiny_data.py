@@ -31,6 +31,22 @@ def test_expert_records_label_every_state_with_the_expert_action():
     assert {r.task_id for r in records} <= set(PickPlaceEnv().task_ids)
 
 
+def test_collect_split_chooses_the_games_the_model_is_fine_tuned_on():
+    # RL draws from `train`; a build on a split of its own leaves those games new to the model.
+    budget = dataclasses.replace(TEST, perturbed_per_task=0, collect_split="sft")
+    records, _ = collect_expert_records(PICK_PLACE_ENV_ID, budget, seed=0, progress=False)
+    assert records and {r.task_id for r in records} <= set(PickPlaceEnv(split="sft").task_ids)
+    assert not {r.task_id for r in records} & set(PickPlaceEnv().task_ids)
+    # A later field: absent from the key at "train", so older builds keep their keys; any other split is a new model.
+    assert "collect_split" not in key_fields(TEST) and LATER_FIELDS["collect_split"] == "train"
+    assert build_key(PICK_PLACE_ENV_ID, 0, budget) != build_key(PICK_PLACE_ENV_ID, 0, TEST)
+    for split in ("valid", "valid_unseen", "test"):
+        with pytest.raises(ValueError, match="evaluation split"):
+            dataclasses.replace(TEST, collect_split=split)
+    with pytest.raises(ValueError, match="collect_split must be a split name"):
+        dataclasses.replace(TEST, collect_split="")
+
+
 def test_perturbed_episodes_take_random_actions_and_still_win():
     budget = dataclasses.replace(TEST, clean_per_task=0, perturbed_per_task=3, perturb_prob=0.5, invalid_share=0.5)
     records, stats = collect_expert_records(PICK_PLACE_ENV_ID, budget, seed=0, progress=False)

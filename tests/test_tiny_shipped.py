@@ -1,5 +1,6 @@
-"""The tiny models that craft-bench ships for its generated Search-QA and WebShop environments: `--model tiny`
-finds them, and on held-out tasks their teacher prompt (privileged block shown) beats their student prompt."""
+"""The tiny models that craft-bench ships for its generated Search-QA and WebShop environments and for TextWorld
+cooking: `--model tiny` finds them, and on held-out tasks their teacher prompt (privileged block shown) beats their
+student prompt."""
 
 from __future__ import annotations
 
@@ -32,3 +33,12 @@ def test_the_shipped_model_is_the_default_and_its_teacher_beats_its_student(env_
     )
     assert student.n_episodes == teacher.n_episodes == episodes
     assert teacher.successes - student.successes >= margin, (student, teacher)
+
+
+def test_the_textworld_cooking_model_is_shipped_for_its_setting():
+    # The setting of docs/tiny_models.md and of the README's TextWorld learning runs (`--set 'tiny_budget="textworld"'`).
+    # Resolving it costs no game compilation; a change to the build key (budget, recipe, env fingerprint) fails here.
+    kwargs = {"family": "cooking", "level": 1, "n_games": 64}
+    path = tiny.tiny_model_path("craft/TextWorld-v0", 0, "textworld", progress=False, env_kwargs=kwargs)
+    assert path.is_relative_to(SHIPPED_DIR)
+    assert tiny.load_metadata(path)["env_kwargs"] == kwargs

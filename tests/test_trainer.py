@@ -342,3 +342,32 @@ def test_old_logprobs_from_the_rollout_need_the_sampler_to_be_the_policy():
     assert TrainConfig(old_logprobs="auto").old_logprobs == "rollout"
     assert TrainConfig(old_logprobs="auto", temperature=0.7).old_logprobs == "rescore"
     assert TrainConfig(old_logprobs="auto", engine="vllm").old_logprobs == "rescore"
+
+
+def test_train_env_kwargs_set_the_training_pool_only(model_dir, tmp_path):
+    # RL on a larger pool than the evaluation's: the training runner plays it; evaluation and the model do not move.
+    config = small_config(model_dir, method="grpo", steps=1, eval_split="valid", env_kwargs={"num_tasks": 4},
+                          train_env_kwargs={"num_tasks": 40})
+    trainer = Trainer(config, tmp_path, progress=False)
+    try:
+        assert len(trainer.train_tasks) == 40 and len(trainer.eval_tasks) == 2
+        trainer.train()
+        assert trainer.train_runner.env_kwargs["num_tasks"] == 40
+        trainer.evaluate()
+        assert trainer._eval_runner.env_kwargs["num_tasks"] == 4
+    finally:
+        trainer.close()
+    assert run_config_of(config)["train"]["train_env_kwargs"] == {"num_tasks": 40}
+    assert "train_env_kwargs" not in run_config_of(small_config(model_dir))["train"]  # earlier runs keep their ids
+    with pytest.raises(ValueError, match=r"train_env_kwargs may not set \['split'\]"):
+        small_config(model_dir, train_env_kwargs={"split": "valid"})
+    with pytest.raises(ValueError, match=r"env_kwargs may not set \['max_steps'\]"):
+        small_config(model_dir, env_kwargs={"max_steps": 3})
+
+
+def run_config_of(config: TrainConfig) -> dict:
+    import dataclasses
+
+    from craft_bench.leaderboard.identity import run_config
+
+    return run_config(dataclasses.asdict(config), {})

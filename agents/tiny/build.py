@@ -217,11 +217,11 @@ def tiny_model_path(
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if env_kwargs is not None and not isinstance(env_kwargs, dict):
         raise TypeError(f"env_kwargs must be a dict of env constructor arguments, got {type(env_kwargs).__name__}")
-    # The data is always collected on the train split with the budget's episode cap.
+    # The data is collected on the budget's split (`collect_split`) with the budget's episode cap.
     env_kwargs = {k: v for k, v in (env_kwargs or {}).items() if k not in ("split", "max_steps")}
     budget = env_budget_name(budget, env_id)
     resolved = resolve_budget(budget)
-    key = build_key(env_id, seed, resolved, env_fingerprint(env_id, env_kwargs), env_kwargs)
+    key = build_key(env_id, seed, resolved, env_fingerprint(env_id, env_kwargs, resolved.collect_split), env_kwargs)
     name = f"{budget if isinstance(budget, str) else 'custom'}-seed{seed}-{key}"
     env_dir = env_id.replace("/", "__").replace(":", "__")
     if shipped:

@@ -103,11 +103,12 @@ def collect_expert_records(
     seed: int,
     *,
     env_kwargs: dict[str, Any] | None = None,
-    split: str = "train",
+    split: str | None = None,
     workers: int = 0,
     progress: bool = True,
 ) -> tuple[list[ExpertRecord], CollectionStats]:
-    """Expert and perturbed episodes on `budget.n_train_tasks` task draws of `split`, as labelled states.
+    """Expert and perturbed episodes on `budget.n_train_tasks` task draws of `split` (default: the budget's
+    `collect_split`), as labelled states.
 
     Draws are a seeded shuffle of the split (cycled when the split is smaller); each episode's perturbations come
     from a generator derived from (seed, draw, sibling) and the runner's reset seeds from (seed, reset), so the
@@ -122,6 +123,7 @@ def collect_expert_records(
             raise ValueError(f"student_labels='search' needs a searching expert, and {env_id} has none; "
                              f"environments with one: {', '.join(sorted(SEARCHING_EXPERTS))}")
         searcher = SEARCHING_EXPERTS[env_id]
+    split = budget.collect_split if split is None else split
     task_ids = split_task_ids(env_id, split, env_kwargs)
     if not task_ids:
         raise ValueError(f"{env_id} has no tasks in split {split!r}")

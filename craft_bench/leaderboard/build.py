@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from craft_bench.leaderboard.identity import LATER_SETTINGS
+from craft_bench.leaderboard.identity import LATER_SETTINGS, TRAINING_ONLY_SETTINGS
 from craft_bench.leaderboard.schema import (
     BASE_METHOD,
     EVAL_TEMPERATURE,
@@ -211,8 +211,10 @@ def _evaluation_protocol_matches(base: dict[str, Any], other: dict[str, Any]) ->
     """Whether `other` was evaluated as the `base` entry was: the same evaluation temperature and, for every setting
     the base row records (only those that change an untrained evaluation), the same value."""
     base_config, other_config = json.loads(base["method_config"]), json.loads(other["method_config"])
-    # A setting a row leaves out at its legacy value (identity.LATER_SETTINGS) has that value: compare it too.
-    base_train = {**LATER_SETTINGS, **base_config.get("train", {})}
+    # A setting a row leaves out at its legacy value (identity.LATER_SETTINGS) has that value: compare it too. A base
+    # row never records training-only settings, so their legacy values say nothing about its protocol.
+    evaluation_later = {name: value for name, value in LATER_SETTINGS.items() if name not in TRAINING_ONLY_SETTINGS}
+    base_train = {**evaluation_later, **base_config.get("train", {})}
     other_train = {**LATER_SETTINGS, **other_config.get("train", {})}
     return (base_config[EVAL_TEMPERATURE] == other_config[EVAL_TEMPERATURE]
             and all(other_train.get(name) == value for name, value in base_train.items()))

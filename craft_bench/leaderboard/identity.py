@@ -38,7 +38,7 @@ NEUTRAL_SETTINGS: dict[str, str] = {
 #: Settings that only shape training; a `base` row (the untrained model) does not record them, so one base row
 #: stands beside every training configuration of its env x model x evaluation protocol.
 TRAINING_ONLY_SETTINGS: tuple[str, ...] = (
-    "train_split", "steps", "tasks_per_step", "group_size", "temperature", "top_p", "lr", "weight_decay",
+    "train_split", "train_env_kwargs", "steps", "tasks_per_step", "group_size", "temperature", "top_p", "lr", "weight_decay",
     "grad_clip", "ppo_epochs", "mini_batch_rows", "ema_decay", "on_nonfinite", "old_logprobs",
 )
 #: Settings that change what an evaluation measures, recorded in every row, `base` included: the environment and its
@@ -54,7 +54,7 @@ EVALUATION_SETTINGS: tuple[str, ...] = (
 #: Settings added after rows were published, each with the value that reproduces the results from before it existed.
 #: At that value a setting is left out of the configuration, so every earlier run and leaderboard row keeps its id;
 #: any other value is recorded like every setting. (It must still be declared in one of the groups above.)
-LATER_SETTINGS: dict[str, Any] = {"progress_reward": 0.0}
+LATER_SETTINGS: dict[str, Any] = {"progress_reward": 0.0, "train_env_kwargs": {}}
 #: Method options (common to every method) added after rows were published, each with the value that reproduces the
 #: results from before it existed; at that value the option is left out of `method_config`, as LATER_SETTINGS are.
 LATER_METHOD_OPTIONS: dict[str, Any] = {"agg": "token"}
