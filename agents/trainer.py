@@ -287,14 +287,16 @@ class Trainer:
         self.train_model = self.dp.prepare_model(self.model)
         self.optimizer = torch.optim.AdamW(self.train_model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.state = TrainState(world_size=self.dp.world_size)
-        env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns}
-        train_env_kwargs = {**env_kwargs, **config.train_env_kwargs}
+        # Evaluation (like the tiny model) sees env_kwargs; the training env may widen its pool (train_env_kwargs).
+        self._eval_env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns}
+        self._train_env_kwargs = {**self._eval_env_kwargs, **config.train_env_kwargs}
         self._train_runner: Any = None  # a GroupRunner, started on first use: an evaluation never pays for its workers
         self._eval_runner = None  # started on first evaluation: a training-only process never pays for its workers
         self.eval_info: dict[str, Any] | None = None  # info of the first evaluation episode, set by evaluate()
-        self.train_tasks = split_task_ids(config.env_id, config.train_split, train_env_kwargs)
+        self.train_tasks = split_task_ids(config.env_id, config.train_split, self._train_env_kwargs)
         # The protocol's fixed episode list: evenly spread over the sorted split, so every task type is represented.
-        self.eval_tasks = evaluation_task_ids(split_task_ids(config.env_id, config.eval_split, env_kwargs), config.eval_episodes)
+        self.eval_tasks = evaluation_task_ids(split_task_ids(config.env_id, config.eval_split, self._eval_env_kwargs),
+                                              config.eval_episodes)
         if len(self.train_tasks) < config.tasks_per_step:
             raise ValueError(
                 f"split {config.train_split!r} of {config.env_id} has {len(self.train_tasks)} tasks, fewer than "
@@ -495,15 +497,15 @@ class Trainer:
     def train_runner(self) -> Any:
         """The GroupRunner of the training split (its workers start on first use)."""
         if self._train_runner is None:
-            self._train_runner = self._make_runner(self.config.train_split, self.config.train_env_kwargs)
+            self._train_runner = self._make_runner(self.config.train_split, self._train_env_kwargs)
         return self._train_runner
 
-    def _make_runner(self, split: str, overrides: dict[str, Any] | None = None) -> Any:
-        """A GroupRunner of `split` with the config's env (its kwargs updated by `overrides`), turn cap and pool."""
+    def _make_runner(self, split: str, env_kwargs: dict[str, Any]) -> Any:
+        """A GroupRunner of `split` with the config's env made with `env_kwargs`, and the config's worker pool."""
         from craft_bench.envs.group_runner import GroupRunner
 
         config = self.config
-        env_kwargs = {**config.env_kwargs, **(overrides or {}), "max_steps": config.max_turns, "split": split}
+        env_kwargs = {**env_kwargs, "split": split}
         # "local" leaves the choice to the runner, which plays in this process when num_workers is 0.
         pool = None if config.env_workers == "local" else config.env_workers
         return GroupRunner(config.env_id, env_kwargs, config.num_workers, pool=pool, ray_address=config.ray_address)
@@ -522,7 +524,7 @@ class Trainer:
         prompt): how well the policy does when it is shown the privileged context."""
         config = self.config
         if self._eval_runner is None:
-            self._eval_runner = self._make_runner(config.eval_split)
+            self._eval_runner = self._make_runner(config.eval_split, self._eval_env_kwargs)
         with torch_threads(self.rollout_threads):
             records = evaluate_episodes(
                 self._eval_runner, self.policy, self.eval_tasks, temperature=config.eval_temperature, seed=config.seed,

@@ -20,9 +20,10 @@ N_EPISODES = 64
 #: 39/64 on one machine, 20/64 and 32/64 on another). A model that collapsed to one memorised action (3 epochs) won
 #: 0/64 on both prompts; the floor sits below every teacher measured and far above that.
 MIN_TEACHER_SUCCESSES = 30
-#: Teacher wins minus student wins, measured +15 (+12 and +15 on `train` builds). 8 (12.5 points) is about half of it, and more than twice what
-#: models that barely read the block reached (+3 with 8 epochs, see the docs page), so a regression that stops the
-#: model from reading the block fails, while small numeric drift between torch builds does not.
+#: Teacher wins minus student wins, measured +15 (+12 and +15 on `train` builds). 8 (12.5 points) is about half of
+#: it, and more than twice what models that barely read the block reached (+3 with 8 epochs, see the docs page), so a
+#: regression that stops the model from reading the block fails, while small numeric drift between torch builds does
+#: not.
 MIN_MARGIN = 8
 
 

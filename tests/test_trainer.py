@@ -26,6 +26,7 @@ from fake_envs import COUNTER_ENV_ID
 
 from craft_bench.leaderboard import validate_rows
 from craft_bench.run import main as run_main
+from craft_bench.run import run_config_of
 
 TESTS_DIR = Path(__file__).parent
 
@@ -364,10 +365,3 @@ def test_train_env_kwargs_set_the_training_pool_only(model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"env_kwargs may not set \['max_steps'\]"):
         small_config(model_dir, env_kwargs={"max_steps": 3})
 
-
-def run_config_of(config: TrainConfig) -> dict:
-    import dataclasses
-
-    from craft_bench.leaderboard.identity import run_config
-
-    return run_config(dataclasses.asdict(config), {})

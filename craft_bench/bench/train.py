@@ -182,7 +182,8 @@ def single_turn_prompts(config: TrainConfig, tokenizer, n_tasks: int) -> list[di
 
     from craft_bench.agents.prompts import PromptConfig, format_prompt, student_text
 
-    env = gym.make(config.env_id, **{**config.env_kwargs, **config.train_env_kwargs, "split": config.train_split, "max_steps": 1})
+    env_kwargs = {**config.env_kwargs, **config.train_env_kwargs, "split": config.train_split, "max_steps": 1}
+    env = gym.make(config.env_id, **env_kwargs)
     rows = []
     try:
         for index in range(n_tasks):

@@ -207,14 +207,17 @@ def _dataset_summary(cells: list[str]) -> dict[str, Any]:
     return {"datasets": datasets, "macro_average": macro, "macro_average_se": macro_se}
 
 
+#: The later settings (identity.LATER_SETTINGS) a base row can leave out at their legacy value: a base row never
+#: records training-only settings, so their legacy values say nothing about its protocol.
+_BASE_LATER_SETTINGS = {name: value for name, value in LATER_SETTINGS.items() if name not in TRAINING_ONLY_SETTINGS}
+
+
 def _evaluation_protocol_matches(base: dict[str, Any], other: dict[str, Any]) -> bool:
     """Whether `other` was evaluated as the `base` entry was: the same evaluation temperature and, for every setting
     the base row records (only those that change an untrained evaluation), the same value."""
     base_config, other_config = json.loads(base["method_config"]), json.loads(other["method_config"])
-    # A setting a row leaves out at its legacy value (identity.LATER_SETTINGS) has that value: compare it too. A base
-    # row never records training-only settings, so their legacy values say nothing about its protocol.
-    evaluation_later = {name: value for name, value in LATER_SETTINGS.items() if name not in TRAINING_ONLY_SETTINGS}
-    base_train = {**evaluation_later, **base_config.get("train", {})}
+    # A setting a row leaves out at its legacy value (identity.LATER_SETTINGS) has that value: compare it too.
+    base_train = {**_BASE_LATER_SETTINGS, **base_config.get("train", {})}
     other_train = {**LATER_SETTINGS, **other_config.get("train", {})}
     return (base_config[EVAL_TEMPERATURE] == other_config[EVAL_TEMPERATURE]
             and all(other_train.get(name) == value for name, value in base_train.items()))

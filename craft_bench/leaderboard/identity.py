@@ -38,8 +38,8 @@ NEUTRAL_SETTINGS: dict[str, str] = {
 #: Settings that only shape training; a `base` row (the untrained model) does not record them, so one base row
 #: stands beside every training configuration of its env x model x evaluation protocol.
 TRAINING_ONLY_SETTINGS: tuple[str, ...] = (
-    "train_split", "train_env_kwargs", "steps", "tasks_per_step", "group_size", "temperature", "top_p", "lr", "weight_decay",
-    "grad_clip", "ppo_epochs", "mini_batch_rows", "ema_decay", "on_nonfinite", "old_logprobs",
+    "train_split", "train_env_kwargs", "steps", "tasks_per_step", "group_size", "temperature", "top_p", "lr",
+    "weight_decay", "grad_clip", "ppo_epochs", "mini_batch_rows", "ema_decay", "on_nonfinite", "old_logprobs",
 )
 #: Settings that change what an evaluation measures, recorded in every row, `base` included: the environment and its
 #: constructor arguments (Search-QA's retriever and top-k, ...), the tiny model's budget, the turn cap, the prompt's
