@@ -52,6 +52,8 @@ METRICS_FILE = "metrics.csv"
 EVAL_FILE = "eval.csv"
 CONFIG_FILE = "config.json"
 FINAL_MODEL_DIR = "final_model"
+#: train_dtype values and the autocast dtype each means (None: no autocast).
+TRAIN_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -155,6 +157,18 @@ class TrainConfig:
     rollout_threads: int | None = None
     """torch threads while rollouts play (None: as torch_threads); with local env workers stepping at the same time,
     fewer threads than cores avoids oversubscribing the cores."""
+    train_dtype: str = "float32"
+    """Compute dtype of training's forward passes (rollout generation, θ_old/teacher/reference scoring, the update's
+    forward): "float32", or "bfloat16" (torch.autocast: matmuls and attention in bfloat16; weights, gradients,
+    optimizer state and every log-softmax stay float32), as verl and TRL train. A speed option that changes results
+    beyond float rounding (log-probs move by about 1e-2), so a run records it; evaluation always runs in float32,
+    so a bfloat16 run stands beside the same `base` row. On CPU it pays only where the CPU has bfloat16 matmul
+    instructions (AVX512-BF16, AMX); docs/benchmarks.md has the measurement."""
+    attn_implementation: str | None = None
+    """Attention kernel of the policy (and of its reference and EMA copies), set after loading with transformers'
+    `set_attn_implementation`: None keeps the model's own (sdpa by default), or "eager", "sdpa", ... Every kernel
+    computes exact attention, so results change by float rounding only. On CPU, "eager" is the faster one at
+    train_dtype="bfloat16" and sdpa at float32 (docs/benchmarks.md)."""
     device: str = "cpu"
     """torch device of the policy."""
     checkpoint_every: int = 1
@@ -198,6 +212,10 @@ class TrainConfig:
             if reserved:
                 problems.append(f"{name} may not set {reserved}: the split comes from train_split / eval_split and "
                                 "max_steps from max_turns")
+        if self.attn_implementation is not None and (not isinstance(self.attn_implementation, str) or not self.attn_implementation):
+            problems.append(f"attn_implementation must be None or a kernel name such as 'eager', got {self.attn_implementation!r}")
+        if self.train_dtype not in TRAIN_DTYPES:
+            problems.append(f"train_dtype must be one of {sorted(TRAIN_DTYPES)}, got {self.train_dtype!r}")
         if self.rollout_waves < 1:
             problems.append(f"rollout_waves must be >= 1, got {self.rollout_waves}")
         for name in ("torch_threads", "rollout_threads"):
@@ -264,6 +282,8 @@ class Trainer:
         )
         self.policy = Policy.from_pretrained(config.model, device=config.device, tiny_options=tiny_options)
         self.model: torch.nn.Module = self.policy.engine.model  # type: ignore[attr-defined]
+        if config.attn_implementation is not None:  # before the frozen copies below, which inherit it
+            self.model.set_attn_implementation(config.attn_implementation)
         self.pad_id = pad_token_id(self.policy.tokenizer)
         self.torch_threads = config.torch_threads or torch.get_num_threads()
         self.rollout_threads = config.rollout_threads or self.torch_threads
@@ -339,7 +359,7 @@ class Trainer:
         tasks = [self.train_tasks[i] for i in rng.choice(len(self.train_tasks), config.tasks_per_step, replace=False)]
         block = self.dp.group_block(len(tasks))
         sampling = self.policy.sampling(config.temperature, config.top_p, config.max_new_tokens)
-        with torch_threads(self.rollout_threads):
+        with torch_threads(self.rollout_threads), self._train_precision():
             rollout = collect_rollouts(
                 self.train_runner, self.policy, tasks[block.start : block.stop], config.group_size, sampling=sampling,
                 seed=config.seed, step=step, history_turns=config.history_turns, with_teacher=needs.teacher is not None,
@@ -363,7 +383,7 @@ class Trainer:
         #    micro_batch_rows, so Δ = lp_T - lp_old subtracts numbers made the same way (or θ_old's from the sampler).
         tick = time.perf_counter()
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._train_precision():
             if config.old_logprobs == "rollout":
                 old_logp, mask = tensors.sampler_logp, tensors.response_mask
             else:
@@ -418,10 +438,13 @@ class Trainer:
                     rows = torch.tensor(index)
                     # Gradients accumulate locally over a rank's micro-batches; the last one synchronises the ranks.
                     with self._no_sync(last=number == len(micro_batches) - 1):
-                        scored = response_logprobs(
-                            self.train_model, [prompts[i] for i in index], [responses[i] for i in index],
-                            pad_token_id=self.pad_id, return_logits=needs.logits,
-                        )
+                        # Autocast covers the model's forward only; the loss is float32 math on float32 log-probs,
+                        # and backward runs each op in its forward's dtype.
+                        with self._train_precision():
+                            scored = response_logprobs(
+                                self.train_model, [prompts[i] for i in index], [responses[i] for i in index],
+                                pad_token_id=self.pad_id, return_logits=needs.logits,
+                            )
                         micro = full.select(rows)
                         micro.logp = pad_columns(scored[0], width)
                         if needs.logits:
@@ -492,6 +515,13 @@ class Trainer:
             "time/update_s": update_s,
             "time/sync_s": sync_s,
         }
+
+    def _train_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast to `train_dtype` for training's forward passes; a no-op at float32 (evaluation never uses it)."""
+        dtype = TRAIN_DTYPES[self.config.train_dtype]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.config.device).type, dtype=dtype)
 
     @property
     def train_runner(self) -> Any:

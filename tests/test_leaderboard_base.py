@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import pytest
+
 from test_leaderboard import _row
 
 from craft_bench.agents.trainer import TrainConfig
@@ -49,11 +51,13 @@ def test_base_is_compared_with_the_grpo_entry_of_its_evaluation_protocol(tmp_pat
     assert base_line.endswith("| -0.300 [-0.548, -0.052] (n=3) |")
 
 
-def test_a_training_only_setting_added_later_does_not_hide_the_grpo_entry_from_base(tmp_path):
-    # train_env_kwargs (RL's own task pool) is recorded by GRPO and never by base: the protocols still match.
+@pytest.mark.parametrize("later", [{"train_env_kwargs": {"n_games": 256}}, {"train_dtype": "bfloat16"}])
+def test_a_training_only_setting_added_later_does_not_hide_the_grpo_entry_from_base(later, tmp_path):
+    # train_env_kwargs (RL's own task pool) and train_dtype (evaluation runs in float32 regardless) are recorded by
+    # GRPO and never by base: the protocols still match.
     root = tmp_path / "lb"
-    _submit(tmp_path, root, "grpo", [_row(seed=s, success_rate=0.5, method_config=_config(
-        "grpo", train_env_kwargs={"n_games": 256})) for s in (0, 1)])
+    _submit(tmp_path, root, "grpo", [_row(seed=s, success_rate=0.5, method_config=_config("grpo", **later))
+                                     for s in (0, 1)])
     _submit(tmp_path, root, "base", [_row(method="base", train_steps=0, seed=s, success_rate=0.2,
                                           method_config=_config("base")) for s in (0, 1)])
     base_line = next(line for line in _lines(root).values() if line.startswith("| base "))

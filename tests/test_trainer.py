@@ -4,6 +4,7 @@ kill -9) equals the uninterrupted run, outputs a leaderboard accepts, and clear 
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import signal
 import subprocess
@@ -365,3 +366,50 @@ def test_train_env_kwargs_set_the_training_pool_only(model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"env_kwargs may not set \['max_steps'\]"):
         small_config(model_dir, env_kwargs={"max_steps": 3})
 
+
+
+def test_train_dtype_autocasts_every_training_forward_and_no_evaluation_forward(model_dir, tmp_path):
+    # bfloat16 covers generation, the θ_old/teacher/reference scores and the update's forward; evaluation stays
+    # float32, so the result of an evaluation does not depend on how the model was trained.
+    config = small_config(model_dir, method="craft", method_options={"alpha": 0.01}, steps=1, temperature=1.0,
+                          train_dtype="bfloat16", attn_implementation="eager")
+    trainer = Trainer(config, tmp_path / "bf16", progress=False)
+    calls: list[tuple[str, bool, torch.dtype | None]] = []
+
+    def recording(name: str, module: torch.nn.Module) -> None:
+        forward = module.forward
+
+        @functools.wraps(forward)  # keeps the signature the engine inspects
+        def recorded(*args, **kwargs):
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            calls.append((name, torch.is_grad_enabled(), dtype))
+            return forward(*args, **kwargs)
+
+        module.forward = recorded
+
+    try:
+        assert trainer.model.config._attn_implementation == "eager"
+        assert trainer.reference.config._attn_implementation == "eager"  # the frozen copy inherits the kernel
+        recording("policy", trainer.model)
+        recording("reference", trainer.reference)
+        trainer.train()
+        training, calls[:] = list(calls), []
+        trainer.evaluate()
+        evaluation = list(calls)
+    finally:
+        trainer.close()
+    assert {name for name, _, _ in training} == {"policy", "reference"}
+    assert any(grad for _, grad, _ in training)  # the update's differentiable forward was among them
+    assert {dtype for _, _, dtype in training} == {torch.bfloat16}
+    assert evaluation and {dtype for _, _, dtype in evaluation} == {None}
+
+
+def test_train_dtype_is_a_recorded_training_setting_and_attention_a_neutral_one(model_dir):
+    assert run_config_of(small_config(model_dir, train_dtype="bfloat16"))["train"]["train_dtype"] == "bfloat16"
+    plain = run_config_of(small_config(model_dir))
+    assert "train_dtype" not in plain["train"]  # float32, the legacy value: earlier runs keep their ids
+    assert run_config_of(small_config(model_dir, attn_implementation="eager")) == plain
+    with pytest.raises(ValueError, match="train_dtype must be one of"):
+        TrainConfig(train_dtype="float16")
+    with pytest.raises(ValueError, match="attn_implementation must be None or a kernel name"):
+        TrainConfig(attn_implementation="")

@@ -142,10 +142,12 @@ def timed_step(config: TrainConfig, run_dir: Path) -> tuple[dict[str, float], To
         with count_tokens(trainer, counts):
             trainer.train()
         row = pd.read_csv(run_dir / METRICS_FILE).iloc[-1].to_dict()
-        limits = {
-            "fwd": plain_throughput(trainer.model, counts.update_rows, trainer.pad_id, config.micro_batch_rows, False),
-            "fwd+bwd": plain_throughput(trainer.model, counts.update_rows, trainer.pad_id, config.micro_batch_rows, True),
-        }
+        with trainer._train_precision():  # the limit at the step's own compute dtype
+            limits = {
+                "fwd": plain_throughput(trainer.model, counts.update_rows, trainer.pad_id, config.micro_batch_rows, False),
+                "fwd+bwd": plain_throughput(trainer.model, counts.update_rows, trainer.pad_id, config.micro_batch_rows,
+                                            True),
+            }
     finally:
         trainer.close()
     return row, counts, limits, trainer
@@ -366,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="rollout waves (2: env steps of one wave overlap the next wave's generation)")
     parser.add_argument("--old-logprobs", choices=("rescore", "rollout", "auto"), default=defaults["old_logprobs"],
                         help="θ_old's log-probs: scored again, or the sampler's own")
+    parser.add_argument("--train-dtype", choices=sorted(trainer_module.TRAIN_DTYPES), default="float32",
+                        help="compute dtype of the step's forward passes (bfloat16: autocast); the limits use it too")
+    parser.add_argument("--attn", default=None, help="attention kernel (TrainConfig.attn_implementation): eager | sdpa")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     parser.add_argument("--against", metavar="REV", action="append", default=[],
@@ -390,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         tasks_per_step=args.tasks, group_size=args.group_size, max_turns=args.max_turns,
         max_new_tokens=args.max_new_tokens, micro_batch_rows=args.micro_batch_rows, num_workers=args.workers,
         eval_episodes=1, checkpoint_every=1000, torch_threads=args.threads, rollout_threads=args.rollout_threads,
-        rollout_waves=args.waves, old_logprobs=args.old_logprobs,
+        rollout_waves=args.waves, old_logprobs=args.old_logprobs, train_dtype=args.train_dtype,
+        attn_implementation=args.attn,
     )
     against = {}
     common = ["--model", args.model, "--budget", args.budget, "--env", args.env, "--env-kwargs", args.env_kwargs,
@@ -407,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"env: {args.env}; method: {args.method} {json.dumps(config.method_options)}; B={args.tasks} "
               f"G={args.group_size} turns<={args.max_turns} max_new_tokens={args.max_new_tokens}; "
               f"torch threads {args.threads} (rollouts {args.rollout_threads}), env workers {args.workers}, "
-              f"rollout waves {args.waves}, old log-probs {args.old_logprobs}")
+              f"rollout waves {args.waves}, old log-probs {args.old_logprobs}, train dtype {args.train_dtype}, "
+              f"attention {args.attn or 'default'}")
         print(f"timed step: {int(row['rollout/rows'])} rows, {counts.generate_new} generated tokens\n")
         print("\n".join(phase_table(row, counts, limits)))
         print()

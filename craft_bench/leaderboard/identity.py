@@ -32,6 +32,7 @@ NEUTRAL_SETTINGS: dict[str, str] = {
     "rollout_waves": "which rows share a generation forward pass: float rounding of batched generation only",
     "torch_threads": "thread counts change the order of float sums only",
     "rollout_threads": "thread counts change the order of float sums only",
+    "attn_implementation": "every kernel computes exact attention: float rounding only",
     "method_options": "recorded resolved, as the method's full configuration (the method's own keys)",
     EVAL_TEMPERATURE: "recorded once, at the top level of method_config, as the protocol requires",
 }
@@ -40,6 +41,7 @@ NEUTRAL_SETTINGS: dict[str, str] = {
 TRAINING_ONLY_SETTINGS: tuple[str, ...] = (
     "train_split", "train_env_kwargs", "steps", "tasks_per_step", "group_size", "temperature", "top_p", "lr",
     "weight_decay", "grad_clip", "ppo_epochs", "mini_batch_rows", "ema_decay", "on_nonfinite", "old_logprobs",
+    "train_dtype",
 )
 #: Settings that change what an evaluation measures, recorded in every row, `base` included: the environment and its
 #: constructor arguments (Search-QA's retriever and top-k, ...), the tiny model's budget, the turn cap, the prompt's
@@ -54,7 +56,7 @@ EVALUATION_SETTINGS: tuple[str, ...] = (
 #: Settings added after rows were published, each with the value that reproduces the results from before it existed.
 #: At that value a setting is left out of the configuration, so every earlier run and leaderboard row keeps its id;
 #: any other value is recorded like every setting. (It must still be declared in one of the groups above.)
-LATER_SETTINGS: dict[str, Any] = {"progress_reward": 0.0, "train_env_kwargs": {}}
+LATER_SETTINGS: dict[str, Any] = {"progress_reward": 0.0, "train_env_kwargs": {}, "train_dtype": "float32"}
 #: Method options (common to every method) added after rows were published, each with the value that reproduces the
 #: results from before it existed; at that value the option is left out of `method_config`, as LATER_SETTINGS are.
 LATER_METHOD_OPTIONS: dict[str, Any] = {"agg": "token"}
