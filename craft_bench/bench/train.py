@@ -13,7 +13,8 @@ runs with a KV cache and counts prompt + new tokens, so it can exceed the forwar
 The TRL comparison (optional `bench` extra: `pip install craft-bench[bench]`) plays the first turn of B training tasks
 as a single-turn task (reward: the reply is the expert's first action), G completions each, one update, with
 `GRPOTrainer` (β = 0, one iteration, CPU) and with craft-bench's `grpo` at `max_turns=1`; both time one step after a
-warm-up step and report step time and processed tokens/s. If TRL is missing or fails, the table says so and why.
+warm-up step and report step time and processed tokens/s. Both get the same `--train-dtype` (TRL's `bf16`, the
+Trainer's CPU autocast) and `--attn`. If TRL is missing or fails, the table says so and why.
 """
 
 from __future__ import annotations
@@ -214,6 +215,8 @@ def trl_step(model_path: str, config: TrainConfig, run_dir: Path) -> dict[str, A
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if config.attn_implementation is not None:  # the same attention kernel as craft-bench's step
+        model.set_attn_implementation(config.attn_implementation)
     chat = uses_chat_template(tokenizer)
     rows = single_turn_prompts(config, tokenizer, config.tasks_per_step)
     expert = {r["prompt"]: r["expert"] for r in rows}
@@ -235,7 +238,9 @@ def trl_step(model_path: str, config: TrainConfig, run_dir: Path) -> dict[str, A
     args = GRPOConfig(
         output_dir=str(run_dir), per_device_train_batch_size=batch, num_generations=config.group_size,
         max_completion_length=config.max_new_tokens, max_steps=2, learning_rate=config.lr, beta=0.0,
-        num_iterations=1, temperature=config.temperature, use_cpu=True, bf16=False, report_to="none",
+        num_iterations=1, temperature=config.temperature, use_cpu=True, report_to="none",
+        # bf16 on CPU is the Trainer's autocast, as craft-bench's train_dtype="bfloat16" is.
+        bf16=config.train_dtype == "bfloat16",
         logging_steps=1000, save_strategy="no", seed=config.seed, disable_tqdm=True,
         # The same stop rule as craft-bench's policy (EOS, and newlines in the plain format), so both generate
         # replies of the same length.
