@@ -160,6 +160,7 @@ def collect_rollouts(
     first_group: int = 0,
     waves: int = 1,
     progress: Callable[[int], None] | None = None,
+    reset: Callable[[], tuple[list[Any], list[Any]]] | None = None,
 ) -> RolloutBatch:
     """Play `task_ids` x `group_size` episodes to the end (the environment's max_steps), one generate call per turn
     of each wave.
@@ -173,7 +174,9 @@ def collect_rollouts(
     `waves` > 1 splits the slots into waves (slot % waves) that take turns: while the env workers step one wave (in
     a background thread that waits on them), this process samples the next wave's replies. Each reply's seed is
     (seed, step, slot, turn) either way; only float rounding of the batched forward pass depends on which rows share
-    it. `progress(n)` is called with the number of episodes that just finished.
+    it. `progress(n)` is called with the number of episodes that just finished. `reset`, when given, returns the
+    (observations, infos) of `runner.reset(task_ids, group_size, seed=reset_seed(seed, step), first_group=...)`
+    that the caller started ahead (the trainer's `reset_ahead`); its wait counts as env time.
     Returns the rows ordered by (episode_id, turn_idx). `timings["env_s"]` is the env time the caller waited for
     (resets, and steps not hidden behind generation).
     """
@@ -185,7 +188,17 @@ def collect_rollouts(
     if history_turns is not None and history_turns != policy.prompt_config.history_turns:
         policy = _with_prompt_config(policy, replace(policy.prompt_config, history_turns=history_turns))
     started = time.perf_counter()
-    observations, infos = runner.reset(list(task_ids), group_size, seed=reset_seed(seed, step), first_group=first_group)
+    if reset is None:
+        observations, infos = runner.reset(list(task_ids), group_size, seed=reset_seed(seed, step),
+                                           first_group=first_group)
+    else:
+        observations, infos = reset()
+        expected = [task for task in task_ids for _ in range(group_size)]
+        first = runner.group_ids[0] if runner.group_ids else first_group
+        if runner.task_ids != expected or runner.seed != reset_seed(seed, step) or first != first_group:
+            raise ValueError(f"the reset started ahead does not match this rollout: tasks {runner.task_ids} and seed "
+                             f"{runner.seed} instead of {expected} and {reset_seed(seed, step)}, first group "
+                             f"{first} instead of {first_group}")
     slots = len(observations)
     first_slot = first_group * group_size
     env_time = time.perf_counter() - started

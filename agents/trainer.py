@@ -24,7 +24,8 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from craft_bench.agents.rollout import (
     collect_rollouts,
     evaluate_episodes,
     evaluation_task_ids,
+    reset_seed,
     score_teacher,
 )
 from craft_bench.envs.tasks import split_task_ids
@@ -157,6 +159,11 @@ class TrainConfig:
     rollout_threads: int | None = None
     """torch threads while rollouts play (None: as torch_threads); with local env workers stepping at the same time,
     fewer threads than cores avoids oversubscribing the cores."""
+    reset_ahead: bool = False
+    """Reset the next step's games in the env workers while this step scores and updates (a background thread waits
+    on them), so the next rollout starts without waiting for its resets. The same resets with the same seeds: results
+    do not change. It pays when a core is free for the env workers during the update (torch_threads below the
+    cores); docs/benchmarks.md has the measurement."""
     train_dtype: str = "float32"
     """Compute dtype of training's forward passes (rollout generation, θ_old/teacher/reference scoring, the update's
     forward): "float32", or "bfloat16" (torch.autocast: matmuls and attention in bfloat16; weights, gradients,
@@ -311,6 +318,9 @@ class Trainer:
         self._eval_env_kwargs = {**config.env_kwargs, "max_steps": config.max_turns}
         self._train_env_kwargs = {**self._eval_env_kwargs, **config.train_env_kwargs}
         self._train_runner: Any = None  # a GroupRunner, started on first use: an evaluation never pays for its workers
+        # reset_ahead: (step, future of the train runner's reset for that step), started during the step before.
+        self._reset_ahead: tuple[int, Future] | None = None
+        self._reset_executor: ThreadPoolExecutor | None = None
         self._eval_runner = None  # started on first evaluation: a training-only process never pays for its workers
         self.eval_info: dict[str, Any] | None = None  # info of the first evaluation episode, set by evaluate()
         self.train_tasks = split_task_ids(config.env_id, config.train_split, self._train_env_kwargs)
@@ -355,16 +365,17 @@ class Trainer:
         needs = method.needs
         # 1. Rollouts: B tasks drawn from (seed, step) only, so a resumed run draws the same ones; this rank plays
         #    its block of whole groups, numbered as in the whole step.
-        rng = np.random.default_rng([config.seed, step])
-        tasks = [self.train_tasks[i] for i in rng.choice(len(self.train_tasks), config.tasks_per_step, replace=False)]
-        block = self.dp.group_block(len(tasks))
+        tasks, block = self._step_tasks(step)
         sampling = self.policy.sampling(config.temperature, config.top_p, config.max_new_tokens)
+        reset = self._take_reset_ahead(step)
         with torch_threads(self.rollout_threads), self._train_precision():
             rollout = collect_rollouts(
-                self.train_runner, self.policy, tasks[block.start : block.stop], config.group_size, sampling=sampling,
+                self.train_runner, self.policy, tasks, config.group_size, sampling=sampling,
                 seed=config.seed, step=step, history_turns=config.history_turns, with_teacher=needs.teacher is not None,
-                first_group=block.start, waves=config.rollout_waves,
+                first_group=block.start, waves=config.rollout_waves, reset=reset,
             )
+        if config.reset_ahead and step + 1 < config.steps:
+            self._start_reset_ahead(step + 1)
         if self.vllm is not None:
             self.vllm.sleep()  # frees the accelerator for the update when sleep mode is on; a no-op otherwise
         # 2. Returns and GRPO advantages, per episode, then broadcast to every turn of the episode.
@@ -516,6 +527,38 @@ class Trainer:
             "time/sync_s": sync_s,
         }
 
+    def _step_tasks(self, step: int) -> tuple[list[str], range]:
+        """This rank's tasks of training step `step` and its block of the step's groups: B tasks drawn from (seed,
+        step) only, so a resumed run (and a reset started a step ahead) draws the same ones."""
+        rng = np.random.default_rng([self.config.seed, step])
+        tasks = [self.train_tasks[i] for i in rng.choice(len(self.train_tasks), self.config.tasks_per_step, replace=False)]
+        block = self.dp.group_block(len(tasks))
+        return tasks[block.start : block.stop], block
+
+    def _start_reset_ahead(self, step: int) -> None:
+        """Start step `step`'s reset of the train runner in a background thread (reset_ahead); the env workers reset
+        while this process scores and updates."""
+        tasks, block = self._step_tasks(step)
+        runner = self.train_runner
+        if self._reset_executor is None:
+            self._reset_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reset-ahead")
+        future = self._reset_executor.submit(runner.reset, tasks, self.config.group_size,
+                                             seed=reset_seed(self.config.seed, step), first_group=block.start)
+        self._reset_ahead = (step, future)
+
+    def _take_reset_ahead(self, step: int) -> Callable[[], tuple[list, list]] | None:
+        """The reset started ahead for `step` (its `result`, which waits and re-raises an env error), or None. A
+        reset started for another step is waited for and dropped, so the runner is never used by two threads."""
+        if self._reset_ahead is None:
+            return None
+        ahead, future = self._reset_ahead
+        self._reset_ahead = None
+        if ahead == step:
+            return future.result
+        with contextlib.suppress(Exception):  # an unneeded reset's failure concerns nobody: this step resets again
+            future.result()
+        return None
+
     def _train_precision(self) -> contextlib.AbstractContextManager:
         """Autocast to `train_dtype` for training's forward passes; a no-op at float32 (evaluation never uses it)."""
         dtype = TRAIN_DTYPES[self.config.train_dtype]
@@ -629,6 +672,10 @@ class Trainer:
         return target
 
     def close(self) -> None:
+        self._take_reset_ahead(-1)  # a reset in flight finishes before its runner closes
+        if self._reset_executor is not None:
+            self._reset_executor.shutdown(wait=True)
+            self._reset_executor = None
         if self._train_runner is not None:
             self._train_runner.close()
         if self._eval_runner is not None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -413,3 +414,49 @@ def test_train_dtype_is_a_recorded_training_setting_and_attention_a_neutral_one(
         TrainConfig(train_dtype="float16")
     with pytest.raises(ValueError, match="attn_implementation must be None or a kernel name"):
         TrainConfig(attn_implementation="")
+
+
+def test_reset_ahead_gives_the_same_run_and_drops_a_reset_meant_for_another_step(model_dir, tmp_path):
+    def run(name: str, **overrides) -> tuple[pd.DataFrame, Trainer]:
+        config = small_config(model_dir, method="grpo", steps=3, num_workers=1, **overrides)
+        trainer = Trainer(config, tmp_path / name, progress=False)
+        runner, threads = trainer.train_runner, []
+        reset = runner.reset
+
+        def recorded(*args, **kwargs):
+            threads.append(threading.current_thread().name.split("_")[0])
+            return reset(*args, **kwargs)
+
+        runner.reset = recorded
+        try:
+            if overrides.get("reset_ahead"):
+                trainer._start_reset_ahead(7)  # a reset for a step this run never plays: waited for, then dropped
+            trainer.train()
+            assert trainer._reset_ahead is None  # the last step starts none
+        finally:
+            trainer.close()
+        return numeric_metrics(tmp_path / name / METRICS_FILE), threads
+
+    plain, plain_threads = run("plain")
+    ahead, ahead_threads = run("ahead", reset_ahead=True)
+    pd.testing.assert_frame_equal(ahead, plain)
+    assert plain_threads == ["MainThread"] * 3
+    # The unused step-7 reset, step 0's own (after dropping it), then steps 1 and 2 reset ahead.
+    assert ahead_threads == ["reset-ahead", "MainThread", "reset-ahead", "reset-ahead"]
+
+
+def test_a_reset_started_ahead_must_be_this_rollouts(model_dir, tmp_path):
+    from craft_bench.agents.rollout import collect_rollouts, reset_seed
+
+    trainer = Trainer(small_config(model_dir, method="grpo", steps=1, num_workers=0), tmp_path, progress=False)
+    try:
+        tasks, block = trainer._step_tasks(0)
+        runner = trainer.train_runner
+        sampling = trainer.policy.sampling(1.0, 1.0, 4)
+        wrong = lambda: runner.reset(tasks, 2, seed=reset_seed(0, 1), first_group=block.start)
+        with pytest.raises(ValueError, match="the reset started ahead does not match this rollout"):
+            collect_rollouts(runner, trainer.policy, tasks, 2, sampling=sampling, seed=0, step=0, reset=wrong)
+        trainer._start_reset_ahead(1)
+    finally:
+        trainer.close()
+    assert trainer._reset_ahead is None  # close() waited for the reset in flight before closing its runner

@@ -136,10 +136,18 @@ def timed_step(config: TrainConfig, run_dir: Path) -> tuple[dict[str, float], To
     """Warm-up step 0, then step 1 counted; returns step 1's metrics row, its token counts and the plain limits."""
     trainer = Trainer(config, run_dir, progress=False)
     counts = TokenCounts()
+    train_step = trainer.train_step
+
+    def count_step_1_only(step: int) -> dict[str, float]:
+        if step == 1:  # the warm-up step's counts are dropped
+            counts.__dict__.update(TokenCounts().__dict__)
+        return train_step(step)
+
     try:
-        trainer.config.steps = 1
-        trainer.train()
+        # One run of two steps, so that the warm-up step does for the timed one what any step does for the next
+        # (reset_ahead starts its resets), and nothing runs in the background once the timed step is done.
         trainer.config.steps = 2
+        trainer.train_step = count_step_1_only  # type: ignore[method-assign]
         with count_tokens(trainer, counts):
             trainer.train()
         row = pd.read_csv(run_dir / METRICS_FILE).iloc[-1].to_dict()
@@ -376,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--train-dtype", choices=sorted(trainer_module.TRAIN_DTYPES), default="float32",
                         help="compute dtype of the step's forward passes (bfloat16: autocast); the limits use it too")
     parser.add_argument("--attn", default=None, help="attention kernel (TrainConfig.attn_implementation): eager | sdpa")
+    parser.add_argument("--reset-ahead", action="store_true",
+                        help="reset the next step's games during this step's scoring and update (TrainConfig.reset_ahead)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     parser.add_argument("--against", metavar="REV", action="append", default=[],
@@ -401,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_new_tokens=args.max_new_tokens, micro_batch_rows=args.micro_batch_rows, num_workers=args.workers,
         eval_episodes=1, checkpoint_every=1000, torch_threads=args.threads, rollout_threads=args.rollout_threads,
         rollout_waves=args.waves, old_logprobs=args.old_logprobs, train_dtype=args.train_dtype,
-        attn_implementation=args.attn,
+        attn_implementation=args.attn, reset_ahead=args.reset_ahead,
     )
     against = {}
     common = ["--model", args.model, "--budget", args.budget, "--env", args.env, "--env-kwargs", args.env_kwargs,
@@ -419,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"G={args.group_size} turns<={args.max_turns} max_new_tokens={args.max_new_tokens}; "
               f"torch threads {args.threads} (rollouts {args.rollout_threads}), env workers {args.workers}, "
               f"rollout waves {args.waves}, old log-probs {args.old_logprobs}, train dtype {args.train_dtype}, "
-              f"attention {args.attn or 'default'}")
+              f"attention {args.attn or 'default'}, reset ahead {args.reset_ahead}")
         print(f"timed step: {int(row['rollout/rows'])} rows, {counts.generate_new} generated tokens\n")
         print("\n".join(phase_table(row, counts, limits)))
         print()

@@ -33,6 +33,7 @@ NEUTRAL_SETTINGS: dict[str, str] = {
     "torch_threads": "thread counts change the order of float sums only",
     "rollout_threads": "thread counts change the order of float sums only",
     "attn_implementation": "every kernel computes exact attention: float rounding only",
+    "reset_ahead": "the same resets with the same seeds, started a step earlier",
     "method_options": "recorded resolved, as the method's full configuration (the method's own keys)",
     EVAL_TEMPERATURE: "recorded once, at the top level of method_config, as the protocol requires",
 }
