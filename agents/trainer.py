@@ -219,8 +219,9 @@ class TrainConfig:
             if reserved:
                 problems.append(f"{name} may not set {reserved}: the split comes from train_split / eval_split and "
                                 "max_steps from max_turns")
-        if self.attn_implementation is not None and (not isinstance(self.attn_implementation, str) or not self.attn_implementation):
-            problems.append(f"attn_implementation must be None or a kernel name such as 'eager', got {self.attn_implementation!r}")
+        kernel = self.attn_implementation
+        if kernel is not None and (not isinstance(kernel, str) or not kernel):
+            problems.append(f"attn_implementation must be None or a kernel name such as 'eager', got {kernel!r}")
         if self.train_dtype not in TRAIN_DTYPES:
             problems.append(f"train_dtype must be one of {sorted(TRAIN_DTYPES)}, got {self.train_dtype!r}")
         if self.rollout_waves < 1:

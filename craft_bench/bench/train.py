@@ -139,8 +139,8 @@ def timed_step(config: TrainConfig, run_dir: Path) -> tuple[dict[str, float], To
     train_step = trainer.train_step
 
     def count_step_1_only(step: int) -> dict[str, float]:
-        if step == 1:  # the warm-up step's counts are dropped
-            counts.__dict__.update(TokenCounts().__dict__)
+        if step == 1:  # the warm-up step's counts are dropped: the table counts the timed step only
+            vars(counts).update(vars(TokenCounts()))
         return train_step(step)
 
     try:
