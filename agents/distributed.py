@@ -74,6 +74,13 @@ class DataParallel:
         reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() not in ("false", "no_shard", "shard_grad_op")
         return cls(accelerator.process_index, accelerator.num_processes, accelerator, sharding, reshard)
 
+    def close(self) -> None:
+        """Leave the process group (several processes): every rank waits at a barrier, then tears the group down, so
+        that no rank exits while the collective backend's threads still run (gloo then aborts the process)."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     @property
     def sharded(self) -> bool:
         """True when the trained model is FSDP2-sharded over several ranks."""

@@ -634,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     for config in configs:
         rows.append(run_one(config, out, resume=args.resume, eval_only=args.eval_only, overwrite=args.overwrite,
                             progress=not args.no_progress, loggers=loggers, dp=dp, privileged_eval=args.privileged_eval))
+    dp.close()  # every rank finished: leave the process group before exiting (not on an error, where a rank may be gone)
     if not dp.is_main:
         return 0
     table = _summary(rows)

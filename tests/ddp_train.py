@@ -44,7 +44,7 @@ def main(method: str, out: str, run_dir: str, mini_batch_rows: str = "") -> None
     if dp.is_main:
         torch.save({"rows": [r for r, _ in records], "weights": [w for _, w in records], "sharding": dp.sharding,
                     "local_params": local, "whole_params": whole}, out)
-    dp.barrier()
+    dp.close()
 
 
 if __name__ == "__main__":

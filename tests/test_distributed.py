@@ -241,3 +241,9 @@ def test_bench_train_processes_reports_the_ddp_step_time_and_its_ratio(capsys):
     one, two = float(rows["1"][0]), float(rows["2"][0])
     assert one > 0 and two > 0
     assert float(rows["2"][1].rstrip("x")) == pytest.approx(two / one, abs=0.01)  # from the unrounded seconds
+
+
+def test_closing_a_single_process_is_a_no_op():
+    # One process never joined a group: close() must not try to leave one (run.main calls it unconditionally).
+    DataParallel().close()
+    assert not torch.distributed.is_initialized()
