@@ -78,7 +78,7 @@ class DataParallel:
         """Leave the process group (several processes): every rank waits at a barrier, then tears the group down, so
         that no rank exits while the collective backend's threads still run (gloo then aborts the process)."""
         if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            self.barrier()
             torch.distributed.destroy_process_group()
 
     @property

@@ -168,15 +168,15 @@ class TrainConfig:
     """Compute dtype of training's forward passes (rollout generation, θ_old/teacher/reference scoring, the update's
     forward): "float32", or "bfloat16" (torch.autocast: matmuls and attention in bfloat16; weights, gradients,
     optimizer state and every log-softmax stay float32), as verl and TRL train. A speed option that changes results
-    beyond float rounding (log-probs move by about 1e-2), so a run records it; evaluation always runs in float32,
+    beyond float rounding (sampled tokens differ), so a run records it; evaluation always runs in float32,
     so a bfloat16 run stands beside the same `base` row. On CPU it pays only with bfloat16 matmul instructions
     (AVX512-BF16, AMX) and a model wide enough for its matmuls to outweigh autocast's casts: docs/benchmarks.md has
     both measurements."""
     attn_implementation: str | None = None
     """Attention kernel of the policy (and of its reference and EMA copies), set after loading with transformers'
     `set_attn_implementation`: None keeps the model's own (sdpa by default), or "eager", "sdpa", ... Every kernel
-    computes exact attention, so results change by float rounding only. On CPU, "eager" is the faster one at
-    train_dtype="bfloat16" and sdpa at float32 (docs/benchmarks.md)."""
+    computes exact attention, so results change by float rounding only. On this project's CPU, "eager" made the
+    step faster at train_dtype="bfloat16" and slightly slower at float32 (docs/benchmarks.md)."""
     device: str = "cpu"
     """torch device of the policy."""
     checkpoint_every: int = 1
