@@ -117,6 +117,8 @@ class HFEngine:
         live: list[int | None] = list(range(len(prompts)))
         cache = None
         cache_arg = _cache_argument(self.model)
+        # Only the last position's logits are sampled from: the prompt's other positions skip the LM head.
+        last_only = {"logits_to_keep": 1} if _supports_logits_to_keep(self.model) else {}
         with eval_mode(self.model), torch.inference_mode():
             for _ in range(sampling.max_new_tokens):
                 out = self.model(
@@ -125,6 +127,7 @@ class HFEngine:
                     position_ids=position_ids,
                     use_cache=True,
                     **{cache_arg: cache},
+                    **last_only,
                 )
                 cache = getattr(out, cache_arg)
                 next_tokens, next_logprobs = sample_next(out.logits[:, -1, :].float(), sampling, generators)
@@ -196,6 +199,7 @@ def response_logprobs(
     pad_token_id: int = 0,
     return_logits: bool = False,
     micro_batch: int | None = None,
+    distinct: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """log π(y_t | x, y_<t) for every response token, differentiable when called outside inference mode.
 
@@ -204,12 +208,23 @@ def response_logprobs(
     Layout per micro-batch: prompts left-padded and responses right-padded so every response starts at the same
     column; only the response positions go through the LM head when the model supports `logits_to_keep`.
     `micro_batch` bounds the rows per forward pass, which groups rows of similar lengths (`micro_batch_order`); the
-    results do not depend on it beyond float rounding.
+    results do not depend on it beyond float rounding. `distinct` scores each distinct (prompt, response) pair once
+    and gives its outputs to every row that repeats it (`distinct_rows`): GRPO siblings share their first prompt and
+    often their first replies; again the results differ by float rounding only.
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
     if len(prompt_ids) == 0:
         raise ValueError("no rows to score")
+    if distinct:
+        firsts, inverse = distinct_rows(prompt_ids, response_ids)
+        if len(firsts) < len(prompt_ids):
+            outputs = response_logprobs(
+                model, [prompt_ids[i] for i in firsts], [response_ids[i] for i in firsts],
+                pad_token_id=pad_token_id, return_logits=return_logits, micro_batch=micro_batch,
+            )
+            where = torch.tensor(inverse)
+            return tuple(tensor[where.to(tensor.device)] for tensor in outputs)
     for index, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
         if len(prompt) == 0:
             raise ValueError(f"row {index}: the prompt is empty (the first response token needs a context)")
@@ -236,6 +251,21 @@ def response_logprobs(
         inverse[torch.tensor(flat)] = torch.arange(rows)
         outputs = [tensor[inverse.to(tensor.device)] for tensor in outputs]
     return tuple(outputs)
+
+
+def distinct_rows(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """(`firsts`, `inverse`): the index of the first row of each distinct (prompt, response) pair, in row order, and
+    for every row the position in `firsts` of the pair it repeats; rows == [rows[firsts[k]] for k in inverse]."""
+    position: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    firsts: list[int] = []
+    inverse: list[int] = []
+    for index, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        key = (tuple(map(int, prompt)), tuple(map(int, response)))
+        if key not in position:
+            position[key] = len(firsts)
+            firsts.append(index)
+        inverse.append(position[key])
+    return firsts, inverse
 
 
 def micro_batch_order(prompt_lengths: Sequence[int], response_lengths: Sequence[int], size: int) -> list[list[int]]:

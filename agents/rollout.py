@@ -314,14 +314,15 @@ def collect_rollouts(
 
 def score_teacher(
     scorer: torch.nn.Module | HFEngine, batch: RolloutBatch, *, pad_token_id: int | None = None,
-    micro_batch: int | None = None,
+    micro_batch: int | None = None, distinct: bool = False,
 ) -> torch.Tensor:
     """log π(y_t | x+, y_<t) for every row's exact response ids: (rows, T) float32, 0 on padding.
 
     The one scoring function, `engine.response_logprobs`, in row order and micro-batches of `micro_batch` rows: the
     same batching and padding as the trainer's θ_old and reference scores, so the teacher gap Δ = lp_T - lp_old
     subtracts numbers made the same way. T is the longest response of the batch. `scorer` is the model of whichever
-    weights teach (θ_old, the reference, an EMA), or an `HFEngine` (its model and pad id are used).
+    weights teach (θ_old, the reference, an EMA), or an `HFEngine` (its model and pad id are used). `distinct` scores
+    each distinct (teacher prompt, response) pair once (`response_logprobs`).
     """
     if not batch.rows:
         raise ValueError("the rollout has no rows")
@@ -334,7 +335,8 @@ def score_teacher(
     prompts = [r.teacher_prompt_ids for r in batch.rows]
     responses = [r.response_ids for r in batch.rows]
     with torch.no_grad():
-        logp, _ = response_logprobs(scorer, prompts, responses, pad_token_id=pad_token_id, micro_batch=micro_batch)
+        logp, _ = response_logprobs(scorer, prompts, responses, pad_token_id=pad_token_id, micro_batch=micro_batch,
+                                    distinct=distinct)
     return logp
 
 

@@ -36,7 +36,12 @@ from craft_bench.agents import checkpoint as ckpt
 from craft_bench.agents import losses as L
 from craft_bench.agents import run_files
 from craft_bench.agents.distributed import DataParallel
-from craft_bench.agents.engine import micro_batch_order, pad_columns, response_logprobs
+from craft_bench.agents.engine import (
+    distinct_rows,
+    micro_batch_order,
+    pad_columns,
+    response_logprobs,
+)
 from craft_bench.agents.episodes import episode_return, summarize
 from craft_bench.agents.methods import Method, combine_metrics, make_method
 from craft_bench.agents.policy import Policy, pad_token_id
@@ -164,6 +169,12 @@ class TrainConfig:
     on them), so the next rollout starts without waiting for its resets. The same resets with the same seeds: results
     do not change. It pays when a core is free for the env workers during the update (torch_threads below the
     cores); docs/benchmarks.md has the measurement."""
+    distinct_rows: bool = False
+    """Score and update each distinct (prompt, response) row once: rows that repeat one (GRPO siblings share their
+    first prompt, and often their first replies and the turns after) share its forward pass, and the loss still counts
+    every row, so the gradient is the same sum. The θ_old, teacher and reference scores and the update's forward skip
+    the repeats (16% of the tokens in a measured ALFWorldGen step); results change by float rounding only (which rows
+    share a forward pass)."""
     train_dtype: str = "float32"
     """Compute dtype of training's forward passes (rollout generation, θ_old/teacher/reference scoring, the update's
     forward): "float32", or "bfloat16" (torch.autocast: matmuls and attention in bfloat16; weights, gradients,
@@ -400,14 +411,17 @@ class Trainer:
             if config.old_logprobs == "rollout":
                 old_logp, mask = tensors.sampler_logp, tensors.response_mask
             else:
-                old_logp, mask = response_logprobs(model, prompts, responses, pad_token_id=self.pad_id, micro_batch=config.micro_batch_rows)
+                old_logp, mask = response_logprobs(model, prompts, responses, pad_token_id=self.pad_id,
+                                                   micro_batch=config.micro_batch_rows, distinct=config.distinct_rows)
             teacher_logp = None
             if needs.teacher is not None:
                 teacher = {"old": model, "ref": self.reference, "ema": self.ema}[needs.teacher]
-                teacher_logp = score_teacher(teacher, rollout, pad_token_id=self.pad_id, micro_batch=config.micro_batch_rows)
+                teacher_logp = score_teacher(teacher, rollout, pad_token_id=self.pad_id, micro_batch=config.micro_batch_rows,
+                                             distinct=config.distinct_rows)
             ref_logp = None
             if needs.reference:
-                ref_logp, _ = response_logprobs(self.reference, prompts, responses, pad_token_id=self.pad_id, micro_batch=config.micro_batch_rows)
+                ref_logp, _ = response_logprobs(self.reference, prompts, responses, pad_token_id=self.pad_id,
+                                                micro_batch=config.micro_batch_rows, distinct=config.distinct_rows)
         score_s = time.perf_counter() - tick
         full = L.TokenBatch(
             logp=None, old_logp=old_logp, ref_logp=ref_logp, teacher_logp=teacher_logp, mask=mask,
@@ -439,15 +453,27 @@ class Trainer:
                 # Micro-batches of rows of similar lengths (less padding); the token mean's denominator is the
                 # mini-batch's, so the loss does not depend on how its rows are grouped.
                 idle = start == stop  # no row of this mini-batch here: a stand-in row with a zero loss joins the sync
+                # The rows that go through the model: each distinct one once with distinct_rows, else every row.
+                # `repeats[k]` lists the mini-batch rows that take forward row k's log-probs.
+                if config.distinct_rows and not idle:
+                    firsts, inverse = distinct_rows(prompts[start:stop], responses[start:stop])
+                else:
+                    firsts, inverse = list(range(stop - start)), list(range(stop - start))
+                repeats: list[list[int]] = [[] for _ in firsts]
+                for row, first in enumerate(inverse):
+                    repeats[first].append(start + row)
                 micro_batches = [None] if idle else micro_batch_order(
-                    [len(p) for p in prompts[start:stop]], [len(r) for r in responses[start:stop]],
+                    [len(prompts[start + i]) for i in firsts], [len(responses[start + i]) for i in firsts],
                     config.micro_batch_rows,
                 )
                 if self.dp.sharded:  # every FSDP forward is a collective: as many micro-batches on every rank
                     micro_batches += [None] * (int(self.dp.max(len(micro_batches))) - len(micro_batches))
                 for number, chunk in enumerate(micro_batches):
                     stand_in = chunk is None
-                    index = [0] if stand_in else [start + i for i in chunk]
+                    forward = [0] if stand_in else [start + firsts[k] for k in chunk]
+                    index = [0] if stand_in else [row for k in chunk for row in repeats[k]]
+                    # Forward row of each loss row (the identity when no row repeats another).
+                    spread = torch.tensor([0] if stand_in else [n for n, k in enumerate(chunk) for _ in repeats[k]])
                     rows = torch.tensor(index)
                     # Gradients accumulate locally over a rank's micro-batches; the last one synchronises the ranks.
                     with self._no_sync(last=number == len(micro_batches) - 1):
@@ -455,13 +481,14 @@ class Trainer:
                         # and backward runs each op in its forward's dtype.
                         with self._train_precision():
                             scored = response_logprobs(
-                                self.train_model, [prompts[i] for i in index], [responses[i] for i in index],
+                                self.train_model, [prompts[i] for i in forward], [responses[i] for i in forward],
                                 pad_token_id=self.pad_id, return_logits=needs.logits,
                             )
                         micro = full.select(rows)
-                        micro.logp = pad_columns(scored[0], width)
+                        repeated = len(index) > len(forward)
+                        micro.logp = pad_columns(scored[0][spread] if repeated else scored[0], width)
                         if needs.logits:
-                            micro.logits = pad_columns(scored[2], width)
+                            micro.logits = pad_columns(scored[2][spread] if repeated else scored[2], width)
                         loss, metrics = method.loss(micro, update_ctx.select(rows))
                         if stand_in:
                             loss = loss * 0.0

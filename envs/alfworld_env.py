@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -34,8 +35,11 @@ OFFICIAL_SPLITS = ("train", "valid_seen", "valid_unseen")
 CORRUPT_OFFICIAL_HINT = (
     "the ALFWorld data is damaged; download it again with `alfworld-download -f` (into $ALFWORLD_DATA)"
 )
-#: Plans remembered per env, keyed by (task, state): agents often come back to a state they left.
-PLAN_MEMO_SIZE = 4096
+#: Plans remembered per process, keyed by (game, goal, state): agents often come back to a state they left, and GRPO
+#: siblings, which a group runner keeps in one worker process, start from one state and often pass the same ones.
+PLAN_MEMO_SIZE = 65536
+_PLAN_MEMO: OrderedDict[tuple[str, str, frozenset[Any]], list[str]] = OrderedDict()
+_PLAN_MEMO_LOCK = threading.Lock()  # an in-process env may reset on a background thread (TrainConfig.reset_ahead)
 
 
 _STOCK: dict[str, Any] = {}
@@ -56,6 +60,12 @@ def install_engine_memos() -> None:
     parsed grammar is only read (its actions' templates and rules), so siblings loading one game share it as
     TextWorld's own `reset` shares it between episodes of a game. Steps get 4-5x faster, resets about 2x, and a
     sibling's reset of a game already loaded in its process 2.6x again (docs/benchmarks.md).
+
+    A fifth replacement is not a memo: `textgen.copy_context`, which every derivation step calls, deep-copies the
+    context's `variables` (placeholder name -> EntityInfo) and `mapping` (Placeholder -> Variable) dicts. Derivation
+    only adds keys to those dicts (`query`) and reads their values (the grammar's `{...}` expressions are attribute
+    reads such as `{o.name}`; `Variable`s are immutable), so new dicts holding the same values give the same text;
+    the stock version's deep copies were most of what was left of a step (docs/benchmarks.md).
     """
     import fast_downward
     import textworld.envs.pddl.logic as pddl_logic
@@ -68,6 +78,7 @@ def install_engine_memos() -> None:
     stock_query = _STOCK["query"] = Rule.__dict__["parse_conjunctive_query"]
     stock_translate = _STOCK["translate"] = fast_downward.pddl2sas
     stock_game_grammar = _STOCK["game_grammar"] = pddl_logic._parse_and_convert
+    _STOCK["copy_context"] = textgen.copy_context
     templates: dict[Any, Any] = {}
     queries: dict[str, Any] = {}
     translations: OrderedDict[Any, Any] = OrderedDict()
@@ -106,6 +117,19 @@ def install_engine_memos() -> None:
     Rule.parse_conjunctive_query = classmethod(parse_query)
     fast_downward.pddl2sas = translate
     pddl_logic._parse_and_convert = parse_game_grammar
+    textgen.copy_context = copy_context_dicts
+
+
+def copy_context_dicts(context: dict[str, Any]) -> dict[str, Any]:
+    """TextWorld's `textgen.copy_context` without its deep copies: new `variables` and `mapping` dicts holding the
+    same values, the state, facts and entity infos shared (as the stock version shares them)."""
+    return {
+        "state": context["state"],
+        "facts": context["facts"],
+        "variables": dict(context["variables"]),
+        "mapping": dict(context["mapping"]),
+        "entity_infos": context["entity_infos"],
+    }
 
 
 def uninstall_engine_memos() -> None:
@@ -120,6 +144,7 @@ def uninstall_engine_memos() -> None:
         Rule.parse_conjunctive_query = _STOCK.pop("query")
         fast_downward.pddl2sas = _STOCK.pop("translate")
         pddl_logic._parse_and_convert = _STOCK.pop("game_grammar")
+        textgen.copy_context = _STOCK.pop("copy_context")
 
 
 class _AlfredEngine:
@@ -195,7 +220,8 @@ class _ALFWorldBase(TextAgentEnv):
         self._engine: _AlfredEngine | None = None
         self._commands: dict[str, str] = {}  # normalised admissible command -> the engine's spelling
         self._plan: list[str] | None = None  # cached expert plan from the current state; None when stale
-        self._plan_memo: OrderedDict[tuple[str, frozenset[Any]], list[str]] = OrderedDict()
+        self._plan_memo = _PLAN_MEMO  # shared by every ALFWorld env of this process
+        self._game_key: tuple[str, str] = ("", "")  # (game file, goal): what a plan is a plan for, with the state
         self._ids: list[str] = []  # the split's sorted task ids, set by the subclass from its data source
         self._initial_plan_length = 1
         self.planner_calls = 0  # Fast Downward calls made by this env, and the seconds they took
@@ -223,6 +249,7 @@ class _ALFWorldBase(TextAgentEnv):
         gamefile, traj = self._game_for(task_id)
         game, goal = self._goal_for(gamefile, traj)
         feedback = strip_intro(self._engine.load(game))
+        self._game_key = (str(gamefile), goal)
         self._plan = None
         self._initial_plan_length = max(len(self._expert_plan()), 1)
         return TaskStart(feedback=feedback, goal=goal, task_type=traj["task_type"], extra_info={"gamefile": gamefile})
@@ -259,14 +286,18 @@ class _ALFWorldBase(TextAgentEnv):
             if self.replan_every_step:
                 self._plan = self.fresh_plan()
             else:
-                key = (self._task_id, self._engine.state_key())
-                if key in self._plan_memo:
-                    self._plan_memo.move_to_end(key)
-                else:
-                    self._plan_memo[key] = self.fresh_plan()
-                    if len(self._plan_memo) > PLAN_MEMO_SIZE:
-                        self._plan_memo.popitem(last=False)
-                self._plan = self._plan_memo[key]
+                key = (*self._game_key, self._engine.state_key())
+                with _PLAN_MEMO_LOCK:
+                    plan = self._plan_memo.get(key)
+                    if plan is not None:
+                        self._plan_memo.move_to_end(key)
+                if plan is None:
+                    plan = self.fresh_plan()
+                    with _PLAN_MEMO_LOCK:
+                        self._plan_memo[key] = plan
+                        if len(self._plan_memo) > PLAN_MEMO_SIZE:
+                            self._plan_memo.popitem(last=False)
+                self._plan = plan
         return list(self._plan)
 
     def fresh_plan(self) -> list[str]:

@@ -14,7 +14,7 @@ from gymnasium.utils.env_checker import check_env
 
 import craft_bench  # noqa: F401  (registers the ids)
 from craft_bench.envs import alfworld_gen
-from craft_bench.envs.alfworld_env import ALFWorldEnv, ALFWorldGenEnv, normalize_put, strip_intro
+from craft_bench.envs.alfworld_env import _PLAN_MEMO, ALFWorldEnv, ALFWorldGenEnv, normalize_put, strip_intro
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -122,6 +122,7 @@ def test_old_put_syntax_maps_to_move() -> None:
 
 
 def test_cached_plan_equals_a_fresh_planner_call() -> None:
+    _PLAN_MEMO.clear()  # plans other tests remembered in this process would hide the replan counted below
     env = gym.make("craft/ALFWorldGen-v0", split="valid", tasks_per_type=1).unwrapped
     _, info = env.reset(options={"task_id": "gen/valid/pick_two_obj_and_place-000000"})
     calls = env.planner_calls
@@ -148,6 +149,37 @@ def test_plans_are_remembered_per_state() -> None:
     _, again = env.reset(options=task)
     assert env.planner_calls == calls  # the initial state's plan came from the memo
     assert again["privileged"]["expert_plan"] == first["privileged"]["expert_plan"] == env.fresh_plan()
+
+
+def test_siblings_share_remembered_plans_and_each_plan_is_fresh() -> None:
+    # GRPO siblings live in one worker process: a state one sibling planned costs the next one no planner call, and
+    # every plan it gets is the one a planner call from its own state gives.
+    _PLAN_MEMO.clear()
+    task = {"task_id": "gen/valid/pick_clean_then_place_in_recep-000000"}
+    first, second = (gym.make("craft/ALFWorldGen-v0", split="valid", tasks_per_type=1).unwrapped for _ in range(2))
+    _, info = first.reset(options=task)
+    detour = next(a for a in info["admissible_actions"]
+                  if a.startswith("go to ") and a != info["privileged"]["expert_plan"][0])
+    own_calls = []
+    for env in (first, second):
+        calls = env.planner_calls
+        _, info = env.reset(options=task)
+        checks = 0
+        for action in [detour] + [None] * 40:
+            if not info["privileged"]["expert_plan"]:
+                break
+            _, _, _, _, info = env.step(action or info["privileged"]["expert_plan"][0])
+            assert info["privileged"]["expert_plan"] == env.fresh_plan()
+            checks += 1
+        assert info["won"]
+        own_calls.append(env.planner_calls - calls - checks)
+    # The first sibling planned the state after the detour (its start was planned by the reset that chose the
+    # detour); the second planned nothing.
+    assert own_calls == [1, 0]
+    # Another game's plan is never served for this one, even at a state with the same facts.
+    other = gym.make("craft/ALFWorldGen-v0", split="valid", tasks_per_type=1).unwrapped
+    _, info = other.reset(options={"task_id": "gen/valid/pick_and_place_simple-000000"})
+    assert info["privileged"]["expert_plan"] == other.fresh_plan()
 
 
 def test_replan_every_step_gives_the_same_plans() -> None:
@@ -253,14 +285,27 @@ def test_strip_intro_removes_banner_and_task() -> None:
     assert strip_intro(intro) == "You are in the middle of a room."
 
 
-def test_engine_memos_change_no_output() -> None:
+@pytest.mark.parametrize(
+    "task_type",
+    [
+        "pick_heat_then_place_in_recep",
+        "pick_and_place_simple",
+        "look_at_obj_in_light",
+        "pick_clean_then_place_in_recep",
+        "pick_cool_then_place_in_recep",
+        "pick_two_obj_and_place",
+    ],
+)
+def test_engine_memos_change_no_output(task_type: str) -> None:
+    # Every task type's grammar derives its own texts (lights, sinks, fridges, two objects): the memos and the
+    # shallow context copy must leave each of them as TextWorld writes it.
     import textworld
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
     from textworld.envs.pddl import PddlEnv
 
     from craft_bench.envs.alfworld_env import install_engine_memos, uninstall_engine_memos
 
-    game = str(alfworld_gen.cached_game("gen/valid/pick_heat_then_place_in_recep-000000") / "game.tw-pddl")
+    game = str(alfworld_gen.cached_game(f"gen/valid/{task_type}-000000") / "game.tw-pddl")
 
     def play() -> list[tuple[int, str, tuple[str, ...]]]:
         # Two siblings of one game, stepped alternately with their own random actions: with the memos they share

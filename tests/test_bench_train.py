@@ -30,3 +30,28 @@ def test_bench_train_prints_every_phase_against_the_plain_limits(capsys):
         cells = [c.strip() for c in rows[phase].split("|")[1:-1]]
         assert float(cells[1]) > 0 and int(cells[3]) > 0 and "% of fwd" in cells[5], rows[phase]
     assert "TRL comparison: skipped (--no-trl)" in out
+
+
+def test_against_runs_get_the_extra_options_and_find_a_model_given_by_relative_path(capsys, monkeypatch):
+    # The --against runs start in a temporary directory, so a relative model path is handed on resolved, and
+    # --against-args reaches every one of them.
+    from craft_bench.bench import train as bench_train
+
+    seen: dict[str, list[str]] = {}
+
+    def fake_time_revision(revision: str, common: list[str]) -> dict[str, float]:
+        seen[revision] = common
+        return {"generation": 1.0, "env": 1.0, "scoring": 1.0, "update": 1.0, "whole step": 4.0}
+
+    monkeypatch.setattr(bench_train, "time_revision", fake_time_revision)
+    monkeypatch.chdir(MODEL.parent)
+    threads = torch.get_num_threads()
+    try:
+        bench_main(["train", *SMALL, "--model", MODEL.name, "--no-trl", "--against", "abc123",
+                    "--against-args", "--train-dtype bfloat16 --attn eager"])
+    finally:
+        torch.set_num_threads(threads)
+    common = seen["abc123"]
+    assert common[common.index("--model") + 1] == str(MODEL.resolve())
+    assert common[-4:] == ["--train-dtype", "bfloat16", "--attn", "eager"]
+    assert "abc123" in capsys.readouterr().out

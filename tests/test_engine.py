@@ -9,7 +9,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.cache_utils import Cache
 
-from craft_bench.agents.engine import HFEngine, RolloutEngine, SamplingParams, response_logprobs, sample_next
+from craft_bench.agents.engine import (
+    HFEngine,
+    RolloutEngine,
+    SamplingParams,
+    distinct_rows,
+    response_logprobs,
+    sample_next,
+)
 
 TRAINING_TEXT = [
     "Task: reach 5\nRecent turns:\nObservation: Total 2. Noise 17\nAction: add 2\n"
@@ -186,6 +193,25 @@ def test_micro_batching_does_not_change_scores(engine, prompts):
         whole, _ = response_logprobs(engine.model, prompts, responses)
         pieces, _ = response_logprobs(engine.model, prompts, responses, micro_batch=1)
     assert torch.allclose(whole, pieces, atol=1e-5)
+
+
+def test_distinct_scoring_runs_each_repeated_row_once_and_gives_every_row_its_scores(engine, prompts):
+    rows_prompts = [prompts[0], prompts[1], prompts[0], prompts[2], prompts[0]]
+    responses = [[5, 9, 1], [7], [5, 9, 1], [4, 4, 4, 4, 1], [5, 9]]  # rows 0 and 2 repeat; row 4 differs by reply
+    assert distinct_rows(rows_prompts, responses) == ([0, 1, 3, 4], [0, 1, 0, 2, 3])
+    forward_rows = []
+    hook = engine.model.register_forward_pre_hook(lambda _, args, kwargs: forward_rows.append(len(kwargs["input_ids"])),
+                                                  with_kwargs=True)
+    try:
+        with torch.no_grad():
+            plain = response_logprobs(engine.model, rows_prompts, responses, return_logits=True)
+            rows_plain, forward_rows[:] = sum(forward_rows), []
+            distinct = response_logprobs(engine.model, rows_prompts, responses, return_logits=True, distinct=True)
+    finally:
+        hook.remove()
+    assert (rows_plain, sum(forward_rows)) == (5, 4)
+    for got, expected in zip(distinct, plain):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_input_is_named(engine, prompts):

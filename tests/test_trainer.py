@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from craft_bench.agents.engine import distinct_rows
 from craft_bench.agents.methods import METHOD_NAMES
 from craft_bench.agents.trainer import (
     CHECKPOINT_FILE,
@@ -24,7 +25,7 @@ from craft_bench.agents.trainer import (
     TrainConfig,
     Trainer,
 )
-from fake_envs import COUNTER_ENV_ID
+from fake_envs import COUNTER_ENV_ID, PICK_PLACE_ENV_ID
 
 from craft_bench.leaderboard import validate_rows
 from craft_bench.run import main as run_main
@@ -460,3 +461,42 @@ def test_a_reset_started_ahead_must_be_this_rollouts(model_dir, tmp_path):
     finally:
         trainer.close()
     assert trainer._reset_ahead is None  # close() waited for the reset in flight before closing its runner
+
+
+@pytest.mark.parametrize("method", ["craft", "adaptive_cringe"])
+def test_distinct_rows_gives_the_same_update_from_fewer_forward_rows(method, model_dir, tmp_path, monkeypatch):
+    # Siblings share their first prompt and, greedily, their replies: with distinct_rows each
+    # distinct row goes through the model once (scoring and update), every row still counts in the loss, and the
+    # step's losses, gradient norm and new weights equal the plain step's up to float rounding. craft has teacher and
+    # reference passes; adaptive_cringe also takes the student's full logits.
+    import craft_bench.agents.trainer as trainer_module
+
+    score = trainer_module.response_logprobs
+
+    def run(name: str, distinct: bool) -> tuple[pd.DataFrame, dict[str, torch.Tensor], list[int]]:
+        forward_rows: list[int] = []
+
+        def counted(model, prompts, responses, *args, **kwargs):
+            forward_rows.append(len(distinct_rows(prompts, responses)[0]) if kwargs.get("distinct") else len(prompts))
+            return score(model, prompts, responses, *args, **kwargs)
+
+        monkeypatch.setattr(trainer_module, "response_logprobs", counted)
+        config = small_config(model_dir, env_id=PICK_PLACE_ENV_ID, method=method, steps=1, group_size=4,
+                              temperature=0.0, lr=1e-2,
+                              distinct_rows=distinct, method_options={"alpha": 0.01} if method == "craft" else {})
+        trainer = Trainer(config, tmp_path / name, progress=False)
+        try:
+            trainer.train()
+            weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        finally:
+            trainer.close()
+        return numeric_metrics(tmp_path / name / METRICS_FILE), weights, forward_rows
+
+    plain, plain_weights, plain_rows = run("plain", False)
+    deduped, deduped_weights, deduped_rows = run("distinct", True)
+    assert sum(deduped_rows) < sum(plain_rows), (deduped_rows, plain_rows)  # there were repeats, and they were skipped
+    pd.testing.assert_frame_equal(deduped, plain, check_exact=False, rtol=1e-4, atol=1e-6)
+    # AdamW's first step moves a weight by about lr = 1e-2 whatever its gradient's size, so where a gradient is
+    # near zero, rounding can move it by more than its own size: 1e-4 still tells a wrong gradient apart.
+    for key, value in plain_weights.items():
+        torch.testing.assert_close(deduped_weights[key], value, rtol=1e-4, atol=1e-4)

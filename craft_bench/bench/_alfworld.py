@@ -30,16 +30,31 @@ def _random_choice(options: list[str], rng: np.random.Generator) -> str:
     return options[int(rng.integers(len(options)))] if options else "look"
 
 
-def raw_engine_steps(n_steps: int, seed: int = 0, memo: bool = True) -> dict[str, float]:
+def raw_engine_steps(n_steps: int, seed: int = 0, memo: bool = True, deep_context_copy: bool = False) -> dict[str, float]:
     """ALFWorld's engine as ALFWorld builds it (PddlEnv + AlfredDemangler + AlfredInfos, same infos as the env),
-    driven by the random policy; `memo` chooses whether TextWorld's parsers are memoised as in the env."""
+    driven by the random policy; `memo` chooses whether TextWorld's parsers are memoised as in the env, and
+    `deep_context_copy` puts TextWorld's own `textgen.copy_context` back under the memos (to time that one change)."""
+    from textworld.envs.pddl import textgen
+
+    from craft_bench.envs import alfworld_env
+
+    (alfworld_env.install_engine_memos if memo else alfworld_env.uninstall_engine_memos)()
+    if memo and deep_context_copy:
+        textgen.copy_context = alfworld_env._STOCK["copy_context"]
+    try:
+        return _play_raw_engine(n_steps, seed)
+    finally:
+        if memo:
+            textgen.copy_context = alfworld_env.copy_context_dicts
+
+
+def _play_raw_engine(n_steps: int, seed: int) -> dict[str, float]:
     import textworld
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
     from textworld.envs.pddl import PddlEnv
 
-    from craft_bench.envs import alfworld_env, alfworld_gen
+    from craft_bench.envs import alfworld_gen
 
-    (alfworld_env.install_engine_memos if memo else alfworld_env.uninstall_engine_memos)()
     infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=["gamefile"])
     env = AlfredInfos(AlfredDemangler()(PddlEnv(infos)))
     games = [str(alfworld_gen.cached_game(task) / "game.tw-pddl") for task in _tasks()]
@@ -127,6 +142,8 @@ def alfworld_rows(n_steps: int, num_workers: int) -> list[dict[str, Any]]:
     del num_workers
     rows = [
         _row("raw engine, textworld as shipped", raw_engine_steps(n_steps, memo=False), "random policy, no engine memos"),
+        _row("raw engine, memos, TextWorld's deep context copies", raw_engine_steps(n_steps, deep_context_copy=True),
+             "random policy, engine memos on but textgen.copy_context as shipped"),
         _row("raw engine", raw_engine_steps(n_steps, memo=True), "random policy, engine memos on as in the env"),
     ]
     for policy in ("random", "on_plan"):

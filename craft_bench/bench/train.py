@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -40,6 +41,7 @@ import torch
 
 from craft_bench.agents import rollout as rollout_module
 from craft_bench.agents import trainer as trainer_module
+from craft_bench.agents.engine import distinct_rows
 from craft_bench.agents.presets import preset_values
 from craft_bench.agents.trainer import METRICS_FILE, TrainConfig, Trainer
 
@@ -75,10 +77,13 @@ def count_tokens(trainer: Trainer, counts: TokenCounts) -> Iterator[None]:
             return
 
         def counted(model, prompts, responses, *args, **kwargs):
-            tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+            processed = list(zip(prompts, responses))
+            if kwargs.get("distinct"):  # only the distinct rows go through the model
+                processed = [processed[i] for i in distinct_rows(prompts, responses)[0]]
+            tokens = sum(len(p) + len(r) for p, r in processed)
             if torch.is_grad_enabled():
                 counts.update += tokens
-                counts.update_rows.extend((list(p), list(r)) for p, r in zip(prompts, responses))
+                counts.update_rows.extend((list(p), list(r)) for p, r in processed)
             else:
                 counts.score += tokens
             return original(model, prompts, responses, *args, **kwargs)
@@ -386,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--attn", default=None, help="attention kernel (TrainConfig.attn_implementation): eager | sdpa")
     parser.add_argument("--reset-ahead", action="store_true",
                         help="reset the next step's games during this step's scoring and update (TrainConfig.reset_ahead)")
+    parser.add_argument("--distinct-rows", action="store_true",
+                        help="score and update each distinct (prompt, response) row once (TrainConfig.distinct_rows)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
     parser.add_argument("--against", metavar="REV", action="append", default=[],
@@ -393,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "speed-up), in a subprocess of this run; repeatable")
     parser.add_argument("--against-threads", type=int, default=1, help="torch threads of the --against runs")
     parser.add_argument("--against-workers", type=int, default=1, help="env workers of the --against runs")
+    parser.add_argument("--against-args", default="",
+                        help="more options of every --against run, as one string (e.g. \"--train-dtype bfloat16 "
+                             "--attn eager\"), for revisions whose benchmark has them; by default each revision runs "
+                             "its own defaults")
     parser.add_argument("--processes", type=int, default=1,
                         help="N > 1: only time the step with N data-parallel processes (torchrun, gloo) against 1 "
                              "process, both launched from this run, and print their ratio")
@@ -411,14 +422,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_new_tokens=args.max_new_tokens, micro_batch_rows=args.micro_batch_rows, num_workers=args.workers,
         eval_episodes=1, checkpoint_every=1000, torch_threads=args.threads, rollout_threads=args.rollout_threads,
         rollout_waves=args.waves, old_logprobs=args.old_logprobs, train_dtype=args.train_dtype,
-        attn_implementation=args.attn, reset_ahead=args.reset_ahead,
+        attn_implementation=args.attn, reset_ahead=args.reset_ahead, distinct_rows=args.distinct_rows,
     )
     against = {}
-    common = ["--model", args.model, "--budget", args.budget, "--env", args.env, "--env-kwargs", args.env_kwargs,
+    # The --against runs start in a temporary directory: a model given by a relative path must still be found.
+    model_for_against = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    common = ["--model", model_for_against, "--budget", args.budget, "--env", args.env, "--env-kwargs", args.env_kwargs,
               "--method", args.method, "--tasks", str(args.tasks), "--group-size", str(args.group_size),
               "--max-turns", str(args.max_turns), "--max-new-tokens", str(args.max_new_tokens),
               "--micro-batch-rows", str(args.micro_batch_rows), "--seed", str(args.seed),
-              "--threads", str(args.against_threads), "--workers", str(args.against_workers)]
+              "--threads", str(args.against_threads), "--workers", str(args.against_workers),
+              *shlex.split(args.against_args)]
     for revision in args.against:
         against[revision] = time_revision(revision, common)
     with tempfile.TemporaryDirectory() as tmp:
@@ -429,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"G={args.group_size} turns<={args.max_turns} max_new_tokens={args.max_new_tokens}; "
               f"torch threads {args.threads} (rollouts {args.rollout_threads}), env workers {args.workers}, "
               f"rollout waves {args.waves}, old log-probs {args.old_logprobs}, train dtype {args.train_dtype}, "
-              f"attention {args.attn or 'default'}, reset ahead {args.reset_ahead}")
+              f"attention {args.attn or 'default'}, reset ahead {args.reset_ahead}, distinct rows {args.distinct_rows}")
         print(f"timed step: {int(row['rollout/rows'])} rows, {counts.generate_new} generated tokens\n")
         print("\n".join(phase_table(row, counts, limits)))
         print()

@@ -34,6 +34,7 @@ NEUTRAL_SETTINGS: dict[str, str] = {
     "rollout_threads": "thread counts change the order of float sums only",
     "attn_implementation": "every kernel computes exact attention: float rounding only",
     "reset_ahead": "the same resets with the same seeds, started a step earlier",
+    "distinct_rows": "a repeated row takes its twin's log-probs and still counts in the loss: float rounding only",
     "method_options": "recorded resolved, as the method's full configuration (the method's own keys)",
     EVAL_TEMPERATURE: "recorded once, at the top level of method_config, as the protocol requires",
 }
