@@ -173,8 +173,8 @@ class TrainConfig:
     """Score and update each distinct (prompt, response) row once: rows that repeat one (GRPO siblings share their
     first prompt, and often their first replies and the turns after) share its forward pass, and the loss still counts
     every row, so the gradient is the same sum. The θ_old, teacher and reference scores and the update's forward skip
-    the repeats (16% of the tokens in a measured ALFWorldGen step); results change by float rounding only (which rows
-    share a forward pass)."""
+    the repeats (18% of the tokens in the ALFWorldGen step docs/benchmarks.md times); results change by float
+    rounding only (which rows share a forward pass)."""
     train_dtype: str = "float32"
     """Compute dtype of training's forward passes (rollout generation, θ_old/teacher/reference scoring, the update's
     forward): "float32", or "bfloat16" (torch.autocast: matmuls and attention in bfloat16; weights, gradients,
@@ -472,8 +472,9 @@ class Trainer:
                     stand_in = chunk is None
                     forward = [0] if stand_in else [start + firsts[k] for k in chunk]
                     index = [0] if stand_in else [row for k in chunk for row in repeats[k]]
-                    # Forward row of each loss row (the identity when no row repeats another).
-                    spread = torch.tensor([0] if stand_in else [n for n, k in enumerate(chunk) for _ in repeats[k]])
+                    # The forward row of each loss row; None when no row repeats another (the identity).
+                    spread = None if len(index) == len(forward) else torch.tensor(
+                        [n for n, k in enumerate(chunk) for _ in repeats[k]])
                     rows = torch.tensor(index)
                     # Gradients accumulate locally over a rank's micro-batches; the last one synchronises the ranks.
                     with self._no_sync(last=number == len(micro_batches) - 1):
@@ -485,10 +486,9 @@ class Trainer:
                                 pad_token_id=self.pad_id, return_logits=needs.logits,
                             )
                         micro = full.select(rows)
-                        repeated = len(index) > len(forward)
-                        micro.logp = pad_columns(scored[0][spread] if repeated else scored[0], width)
+                        micro.logp = pad_columns(scored[0] if spread is None else scored[0][spread], width)
                         if needs.logits:
-                            micro.logits = pad_columns(scored[2][spread] if repeated else scored[2], width)
+                            micro.logits = pad_columns(scored[2] if spread is None else scored[2][spread], width)
                         loss, metrics = method.loss(micro, update_ctx.select(rows))
                         if stand_in:
                             loss = loss * 0.0

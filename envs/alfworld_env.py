@@ -3,6 +3,7 @@ Both play `game.tw-pddl` files with ALFWorld's TextWorld-PDDL engine and name de
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -40,6 +41,27 @@ CORRUPT_OFFICIAL_HINT = (
 PLAN_MEMO_SIZE = 65536
 _PLAN_MEMO: OrderedDict[tuple[str, str, frozenset[Any]], list[str]] = OrderedDict()
 _PLAN_MEMO_LOCK = threading.Lock()  # an in-process env may reset on a background thread (TrainConfig.reset_ahead)
+
+
+def clear_plan_memo() -> None:
+    """Forget every remembered expert plan of this process (to time or count planner calls from a cold start)."""
+    with _PLAN_MEMO_LOCK:
+        _PLAN_MEMO.clear()
+
+
+def _remember(memo: OrderedDict[Any, Any], key: Any, compute: Any, size: int, lock: threading.Lock | None = None) -> Any:
+    """memo[key], made by `compute()` on a miss; beyond `size` entries the least recently used goes. `lock` guards the
+    dict only: two threads that miss one key together both compute it, and both results are the same."""
+    with lock or contextlib.nullcontext():
+        if key in memo:
+            memo.move_to_end(key)
+            return memo[key]
+    value = compute()
+    with lock or contextlib.nullcontext():
+        memo[key] = value
+        if len(memo) > size:
+            memo.popitem(last=False)
+    return value
 
 
 _STOCK: dict[str, Any] = {}
@@ -85,16 +107,9 @@ def install_engine_memos() -> None:
     game_grammars: OrderedDict[Any, Any] = OrderedDict()
 
     def remembered(memo: OrderedDict[Any, Any], function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """function(*args, **kwargs), kept in `memo` by its arguments; beyond TRANSLATION_MEMO_SIZE entries the least
-        recently used goes."""
+        """function(*args, **kwargs), kept in `memo` by its arguments (TRANSLATION_MEMO_SIZE entries at most)."""
         key = (args, tuple(sorted(kwargs.items())))
-        if key in memo:
-            memo.move_to_end(key)
-        else:
-            memo[key] = function(*args, **kwargs)
-            if len(memo) > TRANSLATION_MEMO_SIZE:
-                memo.popitem(last=False)
-        return memo[key]
+        return _remember(memo, key, lambda: function(*args, **kwargs), TRANSLATION_MEMO_SIZE)
 
     def parse_template(*args: Any, **kwargs: Any) -> Any:
         key = (args, tuple(sorted(kwargs.items())))
@@ -220,7 +235,6 @@ class _ALFWorldBase(TextAgentEnv):
         self._engine: _AlfredEngine | None = None
         self._commands: dict[str, str] = {}  # normalised admissible command -> the engine's spelling
         self._plan: list[str] | None = None  # cached expert plan from the current state; None when stale
-        self._plan_memo = _PLAN_MEMO  # shared by every ALFWorld env of this process
         self._game_key: tuple[str, str] = ("", "")  # (game file, goal): what a plan is a plan for, with the state
         self._ids: list[str] = []  # the split's sorted task ids, set by the subclass from its data source
         self._initial_plan_length = 1
@@ -287,17 +301,7 @@ class _ALFWorldBase(TextAgentEnv):
                 self._plan = self.fresh_plan()
             else:
                 key = (*self._game_key, self._engine.state_key())
-                with _PLAN_MEMO_LOCK:
-                    plan = self._plan_memo.get(key)
-                    if plan is not None:
-                        self._plan_memo.move_to_end(key)
-                if plan is None:
-                    plan = self.fresh_plan()
-                    with _PLAN_MEMO_LOCK:
-                        self._plan_memo[key] = plan
-                        if len(self._plan_memo) > PLAN_MEMO_SIZE:
-                            self._plan_memo.popitem(last=False)
-                self._plan = plan
+                self._plan = _remember(_PLAN_MEMO, key, self.fresh_plan, PLAN_MEMO_SIZE, _PLAN_MEMO_LOCK)
         return list(self._plan)
 
     def fresh_plan(self) -> list[str]:

@@ -14,7 +14,7 @@ from gymnasium.utils.env_checker import check_env
 
 import craft_bench  # noqa: F401  (registers the ids)
 from craft_bench.envs import alfworld_gen
-from craft_bench.envs.alfworld_env import _PLAN_MEMO, ALFWorldEnv, ALFWorldGenEnv, normalize_put, strip_intro
+from craft_bench.envs.alfworld_env import ALFWorldEnv, ALFWorldGenEnv, clear_plan_memo, normalize_put, strip_intro
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -122,7 +122,7 @@ def test_old_put_syntax_maps_to_move() -> None:
 
 
 def test_cached_plan_equals_a_fresh_planner_call() -> None:
-    _PLAN_MEMO.clear()  # plans other tests remembered in this process would hide the replan counted below
+    clear_plan_memo()  # plans other tests remembered in this process would hide the replan counted below
     env = gym.make("craft/ALFWorldGen-v0", split="valid", tasks_per_type=1).unwrapped
     _, info = env.reset(options={"task_id": "gen/valid/pick_two_obj_and_place-000000"})
     calls = env.planner_calls
@@ -154,7 +154,7 @@ def test_plans_are_remembered_per_state() -> None:
 def test_siblings_share_remembered_plans_and_each_plan_is_fresh() -> None:
     # GRPO siblings live in one worker process: a state one sibling planned costs the next one no planner call, and
     # every plan it gets is the one a planner call from its own state gives.
-    _PLAN_MEMO.clear()
+    clear_plan_memo()
     task = {"task_id": "gen/valid/pick_clean_then_place_in_recep-000000"}
     first, second = (gym.make("craft/ALFWorldGen-v0", split="valid", tasks_per_type=1).unwrapped for _ in range(2))
     _, info = first.reset(options=task)

@@ -80,14 +80,18 @@ def _play_raw_engine(n_steps: int, seed: int) -> dict[str, float]:
 def env_steps(n_steps: int, policy: str, seed: int = 0, **env_kwargs: Any) -> dict[str, float]:
     """One craft-bench env under `policy` ("random" or "on_plan"): steps, their wall and CPU seconds, planner calls
     and planner seconds during those steps, resets and their seconds."""
-    from craft_bench.envs.alfworld_env import ALFWorldGenEnv, install_engine_memos
+    from craft_bench.envs.alfworld_env import (
+        ALFWorldGenEnv,
+        clear_plan_memo,
+        install_engine_memos,
+    )
 
     install_engine_memos()
     env = ALFWorldGenEnv(**ENV_KWARGS, **env_kwargs)
     tasks = env.task_ids
     for task in tasks:  # games are generated and cached outside the timing
         env.reset(options={"task_id": task})
-    env._plan_memo.clear()  # the memo starts empty, as in a fresh env
+    clear_plan_memo()  # the memo starts empty, as in a fresh process
     rng = np.random.default_rng(seed)
     choose: Callable[[dict[str, Any]], str]
     if policy == "random":
