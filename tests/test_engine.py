@@ -247,3 +247,25 @@ def test_dropping_finished_rows_matches_keeping_them(engine, prompts, monkeypatc
     assert [g.finished for g in kept] == [g.finished for g in compacted]
     for a, b in zip(kept, compacted):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_the_first_sampled_token_takes_its_log_prob_from_a_full_forward_pass_bit_for_bit():
+    # Published rows were made with this prefill: the LM head over every prompt position. Computing it at the last
+    # position only (`logits_to_keep=1`) is the same math but other float rounding at some batch shapes (8 of these
+    # 20 on this machine); a sampled log-prob that moves by 1e-8 changes a step's loss, and rows stop reproducing.
+    from craft_bench.agents.engine import _positions, left_pad
+
+    model = random_llama(vocab_size=1024, seed=3, max_positions=512).eval()
+    engine = HFEngine(model, pad_token_id=0, max_batch_size=64)
+    generator = torch.Generator().manual_seed(0)
+    one_token = SamplingParams(temperature=1.0, max_new_tokens=1, stop_token_ids=())
+    for rows in (1, 2, 4, 8, 16):
+        for length in (37, 100, 180, 300):
+            prompts = torch.randint(1, 1024, (rows, length), generator=generator).tolist()
+            generations = engine.generate(prompts, one_token, list(range(rows)))
+            ids, mask = left_pad(prompts, 0, torch.device("cpu"))
+            with torch.inference_mode():
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits[:, -1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            expected = [logp[row, g.token_ids[0]].item() for row, g in enumerate(generations)]
+            assert [g.logprobs[0] for g in generations] == expected, (rows, length)
