@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from fake_envs import COUNTER_ENV_ID
 
@@ -55,3 +56,15 @@ def test_against_runs_get_the_extra_options_and_find_a_model_given_by_relative_p
     assert common[common.index("--model") + 1] == str(MODEL.resolve())
     assert common[-4:] == ["--train-dtype", "bfloat16", "--attn", "eager"]
     assert "abc123" in capsys.readouterr().out
+
+
+def test_the_trl_comparison_prints_its_ratio_without_trls_deprecation_warnings(capsys, recwarn):
+    pytest.importorskip("trl")
+    threads = torch.get_num_threads()
+    try:
+        bench_main(["train", *SMALL])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "throughput ratio craft-bench / TRL:" in out, out
+    assert not [w for w in recwarn if "gradient_checkpointing" in str(w.message)], [str(w.message) for w in recwarn]

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +215,15 @@ def single_turn_prompts(config: TrainConfig, tokenizer, n_tasks: int) -> list[di
     return rows
 
 
+@contextlib.contextmanager
+def _without_trl_deprecation_warnings() -> Iterator[None]:
+    """TRL 1.16 calls transformers' deprecated `gradient_checkpointing` names (FutureWarnings that are TRL's, not
+    craft-bench's); the comparison hides those and no other warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
+
+
 def trl_step(model_path: str, config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """One warm-up and one timed GRPOTrainer step on the single-turn task; raises ImportError without TRL."""
     from datasets import Dataset
@@ -248,21 +258,23 @@ def trl_step(model_path: str, config: TrainConfig, run_dir: Path) -> dict[str, A
             times.append(time.perf_counter() - self.tick)
 
     batch = config.tasks_per_step * config.group_size
-    args = GRPOConfig(
-        output_dir=str(run_dir), per_device_train_batch_size=batch, num_generations=config.group_size,
-        max_completion_length=config.max_new_tokens, max_steps=2, learning_rate=config.lr, beta=0.0,
-        num_iterations=1, temperature=config.temperature, use_cpu=True, report_to="none",
-        # bf16 on CPU is the Trainer's autocast, as craft-bench's train_dtype="bfloat16" is.
-        bf16=config.train_dtype == "bfloat16",
-        logging_steps=1000, save_strategy="no", seed=config.seed, disable_tqdm=True,
-        # The same stop rule as craft-bench's policy (EOS, and newlines in the plain format), so both generate
-        # replies of the same length.
-        generation_kwargs={"eos_token_id": stop_token_ids(tokenizer, chat)},
-    )
+    with _without_trl_deprecation_warnings():
+        args = GRPOConfig(
+            output_dir=str(run_dir), per_device_train_batch_size=batch, num_generations=config.group_size,
+            max_completion_length=config.max_new_tokens, max_steps=2, learning_rate=config.lr, beta=0.0,
+            num_iterations=1, temperature=config.temperature, use_cpu=True, report_to="none",
+            # bf16 on CPU is the Trainer's autocast, as craft-bench's train_dtype="bfloat16" is.
+            bf16=config.train_dtype == "bfloat16",
+            logging_steps=1000, save_strategy="no", seed=config.seed, disable_tqdm=True,
+            # The same stop rule as craft-bench's policy (EOS, and newlines in the plain format), so both generate
+            # replies of the same length.
+            generation_kwargs={"eos_token_id": stop_token_ids(tokenizer, chat)},
+        )
     dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows] * 2)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[StepTimer()])
-    with contextlib.redirect_stdout(io.StringIO()):  # TRL prints its log dicts with tqdm disabled
+    # TRL prints its log dicts with tqdm disabled.
+    with _without_trl_deprecation_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+                              processing_class=tokenizer, callbacks=[StepTimer()])
         trainer.train()
     return {"step_s": times[-1]}
 
