@@ -140,6 +140,44 @@ def test_presets_carry_each_environments_own_turn_cap_and_reply_length():
     assert config("--env", "craft/SearchQAGen-v0", "--set", "max_turns=6").max_turns == 6  # --set still wins
 
 
+def test_the_cpu_preset_on_textworld_is_the_published_cooking_setting():
+    """`--env craft/TextWorld-v0` under the cpu preset runs the cooking setting where the tiny model learns, and gives
+    every method the config id of its published leaderboard entry (so the short command reproduces those rows)."""
+    submissions = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions"
+    for method in ("base", "grpo", "opsd", "sdar", "skill_sd", "rlsd", "adaptive_cringe", "craft"):
+        (config,) = build_configs(parse_args(["--method", method, "--env", "craft/TextWorld-v0"]))
+        assert config.env_kwargs == {"family": "cooking", "level": 1, "n_games": 64}
+        assert (config.tiny_budget, config.train_env_kwargs) == ("textworld", {"n_games": 256})
+        assert (config.lr, config.steps) == (3e-4, 100)
+        entry = f"craft-TextWorld-v0__{method}__tiny__{run_name(config).split('__')[3]}__"
+        assert any(p.name.startswith(entry) for p in submissions.iterdir()), f"no published entry {entry}*"
+    (other,) = build_configs(parse_args(["--method", "grpo", "--env", "craft/TextWorld-v0",
+                                         "--set", "env_kwargs={\"n_games\": 4}", "--steps", "3"]))
+    assert (other.env_kwargs, other.steps) == ({"n_games": 4}, 3)  # --set and --steps still win
+
+
+ALL_METHODS = ("base", "grpo", "opsd", "sdar", "skill_sd", "rlsd", "adaptive_cringe", "craft")
+
+
+@pytest.mark.parametrize(("env", "methods"), [
+    ("craft/ALFWorldGen-v0", ("base", "grpo", "craft")),  # the other five were not run on this preset
+    ("craft/SearchQAGen-v0", ALL_METHODS),
+    ("craft/WebShopGen-v0", ALL_METHODS),
+])
+def test_the_cpu_preset_gives_the_config_ids_of_its_published_rows(env, methods):
+    """The short command (`--method M --env E`) reproduces the leaderboard's rows: ALFWorldGen's under the current
+    preset, Search-QA's and WebShop's under the first one, which those environments keep."""
+    submissions = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions"
+    for method in methods:
+        (config,) = build_configs(parse_args(["--method", method, "--env", env]))
+        entry = f"{env.replace('/', '-')}__{method}__tiny__{run_name(config).split('__')[3]}__"
+        assert any(p.name.startswith(entry) for p in submissions.iterdir()), f"no published entry {entry}*"
+    (alfworld,) = build_configs(parse_args(["--method", "grpo"]))
+    assert (alfworld.lr, alfworld.steps, alfworld.invalid_penalty, alfworld.method_options["adv_std"]) == (1e-4, 100, 0.0, "none")
+    (search,) = build_configs(parse_args(["--method", "grpo", "--env", "craft/SearchQAGen-v0"]))
+    assert (search.lr, search.steps, search.invalid_penalty, search.train_dtype) == (1e-3, 10, 0.1, "float32")
+
+
 # ---------------------------------------------------------------------------------------------------- one run per dir
 def test_a_second_run_into_a_locked_run_directory_is_refused_naming_the_holder(model_dir, tmp_path):
     argv = small_args(model_dir, tmp_path, "--method", "grpo", "--steps", "1")
