@@ -33,6 +33,10 @@ CPU_PRESET: dict[str, Any] = {
     "old_logprobs": "auto",
     "rollout_waves": 2,
     "rollout_threads": 1,
+    # One torch thread for scoring and the update too: bfloat16 reductions round differently at other thread counts
+    # (a two-thread run of GRPO seed 0 left the one-thread row at step 16), so the preset's rows reproduce on any
+    # machine. `--set torch_threads=2` is faster on two cores (docs/benchmarks.md) and rounds differently.
+    "torch_threads": 1,
     "reset_ahead": True,
     "distinct_rows": True,
     "train_dtype": "bfloat16",
