@@ -101,9 +101,12 @@ evaluate on (WebShop names its splits test/eval/train; there is no `valid`)."""
 
 FIRST_CPU_PRESET: dict[str, Any] = {
     "steps": 10, "lr": 1e-3, "invalid_penalty": 0.1, "train_dtype": "float32", "method_options": {"alpha": 0.01},
+    # The step as those rows computed it: distinct rows and eager attention round differently, so they stay off.
+    "distinct_rows": False, "attn_implementation": None, "reset_ahead": False,
 }
 """The cpu preset's first settings (lr 1e-3, 10 steps, -0.1 per invalid action, float32 training, GRPO's std-normalised
-advantage), under which the Search-QA and WebShop rows were measured; those environments keep them."""
+advantage, every row scored on its own, the model's own attention kernel), under which the Search-QA and WebShop rows
+were measured; those environments keep them."""
 
 TEXTWORLD_COOKING: dict[str, Any] = {
     **FIRST_CPU_PRESET,

@@ -149,6 +149,8 @@ def test_the_cpu_preset_on_textworld_is_the_published_cooking_setting():
         assert config.env_kwargs == {"family": "cooking", "level": 1, "n_games": 64}
         assert (config.tiny_budget, config.train_env_kwargs) == ("textworld", {"n_games": 256})
         assert (config.lr, config.steps) == (3e-4, 100)
+        # The step rounds as the rows' did: distinct rows and eager attention would change float rounding.
+        assert (config.distinct_rows, config.attn_implementation, config.train_dtype) == (False, None, "float32")
         entry = f"craft-TextWorld-v0__{method}__tiny__{run_name(config).split('__')[3]}__"
         assert any(p.name.startswith(entry) for p in submissions.iterdir()), f"no published entry {entry}*"
     (other,) = build_configs(parse_args(["--method", "grpo", "--env", "craft/TextWorld-v0",
