@@ -27,9 +27,9 @@ CPU_PRESET: dict[str, Any] = {
     "eval_episodes": 96,
     "eval_temperature": 1.0,
     # How the step is computed (docs/benchmarks.md measures each): θ_old from the sampler wherever the sampler is the
-    # policy (temperature 1), env steps of one wave overlapping the other wave's generation on one torch thread, the
-    # next step's resets during this step's update, each distinct row scored once, then every core for scoring and
-    # the update, whose forward passes run in bfloat16 (a recorded setting: it changes results beyond rounding).
+    # policy (temperature 1), env steps of one wave overlapping the other wave's generation, the next step's resets
+    # during this step's update, each distinct row scored once, and training's forward passes in bfloat16 (a recorded
+    # setting: it changes results beyond rounding).
     "old_logprobs": "auto",
     "rollout_waves": 2,
     "rollout_threads": 1,
@@ -101,7 +101,8 @@ evaluate on (WebShop names its splits test/eval/train; there is no `valid`)."""
 
 FIRST_CPU_PRESET: dict[str, Any] = {
     "steps": 10, "lr": 1e-3, "invalid_penalty": 0.1, "train_dtype": "float32", "method_options": {"alpha": 0.01},
-    # The step as those rows computed it: distinct rows and eager attention round differently, so they stay off.
+    # The step as those rows computed it: distinct rows and eager attention round differently, so they stay off;
+    # resets ahead do not change results, but those rows ran without them and were checked that way.
     "distinct_rows": False, "attn_implementation": None, "reset_ahead": False,
 }
 """The cpu preset's first settings (lr 1e-3, 10 steps, -0.1 per invalid action, float32 training, GRPO's std-normalised

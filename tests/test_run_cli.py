@@ -18,7 +18,15 @@ from fake_envs import COUNTER_ENV_ID
 from craft_bench.agents.checkpoint import digest_path, file_sha256
 from craft_bench.agents.tiny.budget import BUDGETS, ENV_DEFAULT_BUDGETS
 from craft_bench.agents.trainer import CHECKPOINT_FILE, CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE
-from craft_bench.run import EVAL_ONLY_FILE, EVAL_ONLY_RESULT_FILE, RESULT_FILE, build_configs, parse_args, run_name
+from craft_bench.run import (
+    EVAL_ONLY_FILE,
+    EVAL_ONLY_RESULT_FILE,
+    RESULT_FILE,
+    build_configs,
+    parse_args,
+    run_id,
+    run_name,
+)
 from craft_bench.run import main as run_main
 
 
@@ -140,40 +148,42 @@ def test_presets_carry_each_environments_own_turn_cap_and_reply_length():
     assert config("--env", "craft/SearchQAGen-v0", "--set", "max_turns=6").max_turns == 6  # --set still wins
 
 
+ALL_METHODS = ("base", "grpo", "opsd", "sdar", "skill_sd", "rlsd", "adaptive_cringe", "craft")
+SUBMISSIONS = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions"
+
+
+def _is_published(config) -> bool:
+    """Whether leaderboard/submissions holds an entry of the tiny model with this run's env, method and config id."""
+    entry = f"{config.env_id.replace('/', '-')}__{config.method}__tiny__{run_id(config)}__"
+    return any(p.name.startswith(entry) for p in SUBMISSIONS.iterdir())
+
+
 def test_the_cpu_preset_on_textworld_is_the_published_cooking_setting():
-    """`--env craft/TextWorld-v0` under the cpu preset runs the cooking setting where the tiny model learns, and gives
-    every method the config id of its published leaderboard entry (so the short command reproduces those rows)."""
-    submissions = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions"
-    for method in ("base", "grpo", "opsd", "sdar", "skill_sd", "rlsd", "adaptive_cringe", "craft"):
+    """`--env craft/TextWorld-v0` under the cpu preset runs the cooking setting where the tiny model learns."""
+    for method in ALL_METHODS:
         (config,) = build_configs(parse_args(["--method", method, "--env", "craft/TextWorld-v0"]))
         assert config.env_kwargs == {"family": "cooking", "level": 1, "n_games": 64}
         assert (config.tiny_budget, config.train_env_kwargs) == ("textworld", {"n_games": 256})
         assert (config.lr, config.steps) == (3e-4, 100)
         # The step rounds as the rows' did: distinct rows and eager attention would change float rounding.
         assert (config.distinct_rows, config.attn_implementation, config.train_dtype) == (False, None, "float32")
-        entry = f"craft-TextWorld-v0__{method}__tiny__{run_name(config).split('__')[3]}__"
-        assert any(p.name.startswith(entry) for p in submissions.iterdir()), f"no published entry {entry}*"
     (other,) = build_configs(parse_args(["--method", "grpo", "--env", "craft/TextWorld-v0",
                                          "--set", "env_kwargs={\"n_games\": 4}", "--steps", "3"]))
     assert (other.env_kwargs, other.steps) == ({"n_games": 4}, 3)  # --set and --steps still win
-
-
-ALL_METHODS = ("base", "grpo", "opsd", "sdar", "skill_sd", "rlsd", "adaptive_cringe", "craft")
 
 
 @pytest.mark.parametrize(("env", "methods"), [
     ("craft/ALFWorldGen-v0", ("base", "grpo", "craft")),  # the other five were not run on this preset
     ("craft/SearchQAGen-v0", ALL_METHODS),
     ("craft/WebShopGen-v0", ALL_METHODS),
+    ("craft/TextWorld-v0", ALL_METHODS),
 ])
 def test_the_cpu_preset_gives_the_config_ids_of_its_published_rows(env, methods):
     """The short command (`--method M --env E`) reproduces the leaderboard's rows: ALFWorldGen's under the current
-    preset, Search-QA's and WebShop's under the first one, which those environments keep."""
-    submissions = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions"
+    preset, Search-QA's and WebShop's under the first one, which those environments keep, TextWorld's cooking rows."""
     for method in methods:
         (config,) = build_configs(parse_args(["--method", method, "--env", env]))
-        entry = f"{env.replace('/', '-')}__{method}__tiny__{run_name(config).split('__')[3]}__"
-        assert any(p.name.startswith(entry) for p in submissions.iterdir()), f"no published entry {entry}*"
+        assert _is_published(config), f"no published entry for {env} {method} {run_id(config)}"
     (alfworld,) = build_configs(parse_args(["--method", "grpo"]))
     assert (alfworld.lr, alfworld.steps, alfworld.invalid_penalty, alfworld.method_options["adv_std"]) == (1e-4, 100, 0.0, "none")
     (search,) = build_configs(parse_args(["--method", "grpo", "--env", "craft/SearchQAGen-v0"]))
