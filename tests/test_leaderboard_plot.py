@@ -46,3 +46,20 @@ def test_methods_differ_by_colour_and_by_line_style_or_marker_and_legends_give_n
     assert len(colours) == len(lines) and len(shapes) == len(lines)
     left_labels = _figure().axes[0].get_legend_handles_labels()[1]
     assert "sdar (n=1 seeds)" in left_labels and "grpo (n=3 seeds)" in left_labels
+
+
+def test_long_training_curves_are_smoothed_by_a_trailing_mean_named_in_the_title():
+    """A tenth of the longest curve: 30 steps alternating 0 and 0.3 plot as trailing means of 3 steps."""
+    noisy = [0.3 * (step % 2) for step in range(30)]
+    _, right = learning_curve_figure("craft/Test-v0 · tiny", {}, {"grpo": [_curve(noisy), _curve(noisy)]}).axes
+    assert "trailing mean of 3 steps" in right.get_title()
+    (line,) = right.get_lines()
+    assert line.get_ydata()[:4] == pytest.approx([0.0, 0.15, 0.1, 0.2])
+    assert line.get_ydata() == pytest.approx(pd.Series(noisy).rolling(3, min_periods=1).mean().to_numpy())
+
+
+def test_short_training_curves_are_plotted_unsmoothed():
+    _, right = _figure().axes
+    assert "trailing mean" not in right.get_title()
+    (grpo,) = [line for line in right.get_lines() if line.get_label().startswith("grpo")]
+    assert grpo.get_ydata() == pytest.approx([0.15, 0.2, 0.35])

@@ -317,7 +317,7 @@ def _measured_section(summary: list[dict[str, Any]], plots: dict[tuple[str, ...]
         if plot is not None:
             relative = plot.relative_to(root).as_posix()
             lines += [f"Learning curves (left: held-out success after training; right: training {CURVE_METRIC} per "
-                      f"step; {BAND}, all splits): ![learning curves]({relative})", ""]
+                      f"step, smoothed by a trailing mean over a tenth of the longest run; {BAND}, all splits): ![learning curves]({relative})", ""]
     lines += ["### Method configurations", "", "| config | method | method_config |", "|---|---|---|"]
     seen = set()
     for row in sorted(summary, key=lambda r: (r["method"], r["config"])):
@@ -385,17 +385,28 @@ def _style(index: int) -> dict[str, Any]:
     return {"linestyle": _LINE_STYLES[index % len(_LINE_STYLES)], "marker": _MARKERS[index % len(_MARKERS)]}
 
 
+def smoothing_window(curves: dict[str, list[pd.Series]]) -> int:
+    """Steps in the training panel's trailing mean: a tenth of the longest curve (1, no smoothing, under 20 steps).
+    One step's success over B x G episodes is mostly sampling noise (16 episodes at 10% success: ±0.075), which
+    unsmoothed makes a panel of several methods unreadable; a tenth keeps a run's trend and its first and last part."""
+    longest = max((len(seed) for seeds in curves.values() for seed in seeds), default=0)
+    return max(1, longest // 10)
+
+
 def learning_curve_figure(title: str, evals: dict[str, list[tuple[float, list[float]]]],
                           curves: dict[str, list[pd.Series]]) -> Figure:
     """The learning-curve figure of one table, as two panels (axes) in this order.
 
     Left: held-out success after training, one marker per method configuration (and per train-step count), mean ± 1
     SE over its n seeds (n in the legend), the untrained `base` model as a horizontal reference line (its mean over
-    seeds). Right: training success per step, mean over seeds with a ±1 SE band where at least two seeds logged that
-    step. Methods differ by colour and by marker and line style; the y axis fits the data (success is often low),
-    starting at 0. `evals`: label -> [(train steps, per-seed successes)]; `curves`: label -> per-seed step series.
+    seeds). Right: training success per step, each seed's curve smoothed by a trailing mean over
+    `smoothing_window` steps (named in the title), then the mean over seeds with a ±1 SE band where at least two
+    seeds logged that step. Methods differ by colour and by marker and line style; the y axis fits the data (success
+    is often low), starting at 0. `evals`: label -> [(train steps, per-seed successes)]; `curves`: label -> per-seed
+    step series.
     """
     labels = sorted(set(evals) | set(curves))
+    window = smoothing_window(curves)
     top = 0.0
     with matplotlib.style.context("default"):
         figure = Figure(figsize=(11.0, 4.6), dpi=100)
@@ -419,7 +430,7 @@ def learning_curve_figure(title: str, evals: dict[str, list[tuple[float, list[fl
             seeds = curves.get(label)
             if not seeds:
                 continue
-            table = pd.concat(seeds, axis=1).sort_index()
+            table = pd.concat([seed.sort_index().rolling(window, min_periods=1).mean() for seed in seeds], axis=1)
             mean = table.mean(axis=1)
             count = table.count(axis=1)
             se = table.std(axis=1, ddof=1) / np.sqrt(count)
@@ -434,7 +445,8 @@ def learning_curve_figure(title: str, evals: dict[str, list[tuple[float, list[fl
         left.set_xlim(-0.6, max(len(ticks), 1) - 0.4)
         left.set_title("held-out eval success after training")
         left.set_ylabel(f"success rate ({BAND})")
-        right.set_title(f"training rollouts: {CURVE_METRIC}")
+        smoothing = f", trailing mean of {window} steps" if window > 1 else ""
+        right.set_title(f"training rollouts: {CURVE_METRIC}{smoothing}")
         right.set_xlabel("training step")
         right.set_ylabel(f"training success ({BAND})")
         for axes in (left, right):
