@@ -173,7 +173,7 @@ def test_the_cpu_preset_on_textworld_is_the_published_cooking_setting():
 
 
 @pytest.mark.parametrize(("env", "methods"), [
-    ("craft/ALFWorldGen-v0", ("base", "grpo", "craft")),  # the other five were not run on this preset
+    ("craft/ALFWorldGen-v0", ALL_METHODS),
     ("craft/SearchQAGen-v0", ALL_METHODS),
     ("craft/WebShopGen-v0", ALL_METHODS),
     ("craft/TextWorld-v0", ALL_METHODS),
