@@ -4,6 +4,7 @@ the training outputs, a forged checkpoint never runs, and a failed start leaves 
 
 from __future__ import annotations
 
+import functools
 import io
 import subprocess
 import sys
@@ -16,8 +17,11 @@ import torch
 from fake_envs import COUNTER_ENV_ID
 
 from craft_bench.agents.checkpoint import digest_path, file_sha256
+from craft_bench.agents.methods import METHOD_NAMES
 from craft_bench.agents.tiny.budget import BUDGETS, ENV_DEFAULT_BUDGETS
 from craft_bench.agents.trainer import CHECKPOINT_FILE, CONFIG_FILE, FINAL_MODEL_DIR, METRICS_FILE
+from craft_bench.leaderboard.schema import config_id
+from craft_bench.leaderboard.store import load_submissions
 from craft_bench.run import (
     EVAL_ONLY_FILE,
     EVAL_ONLY_RESULT_FILE,
@@ -148,14 +152,20 @@ def test_presets_carry_each_environments_own_turn_cap_and_reply_length():
     assert config("--env", "craft/SearchQAGen-v0", "--set", "max_turns=6").max_turns == 6  # --set still wins
 
 
-ALL_METHODS = ("base", "grpo", "opsd", "sdar", "skill_sd", "rlsd", "adaptive_cringe", "craft")
-SUBMISSIONS = Path(__file__).resolve().parents[1] / "leaderboard" / "submissions"
+ALL_METHODS = ("base", *METHOD_NAMES)
+LEADERBOARD = Path(__file__).resolve().parents[1] / "leaderboard"
+
+
+@functools.cache
+def _published_entries() -> frozenset[tuple[str, str, str, str]]:
+    """(env, method, model, config id) of every row in leaderboard/submissions, read by the leaderboard's own loader."""
+    rows = load_submissions(LEADERBOARD)
+    return frozenset(zip(rows["env_id"], rows["method"], rows["model"], rows["method_config"].map(config_id)))
 
 
 def _is_published(config) -> bool:
-    """Whether leaderboard/submissions holds an entry of the tiny model with this run's env, method and config id."""
-    entry = f"{config.env_id.replace('/', '-')}__{config.method}__tiny__{run_id(config)}__"
-    return any(p.name.startswith(entry) for p in SUBMISSIONS.iterdir())
+    """Whether leaderboard/submissions holds a row with this run's env, method, model and config id."""
+    return (config.env_id, config.method, config.model, run_id(config)) in _published_entries()
 
 
 def test_the_cpu_preset_on_textworld_is_the_published_cooking_setting():
@@ -172,16 +182,12 @@ def test_the_cpu_preset_on_textworld_is_the_published_cooking_setting():
     assert (other.env_kwargs, other.steps) == ({"n_games": 4}, 3)  # --set and --steps still win
 
 
-@pytest.mark.parametrize(("env", "methods"), [
-    ("craft/ALFWorldGen-v0", ALL_METHODS),
-    ("craft/SearchQAGen-v0", ALL_METHODS),
-    ("craft/WebShopGen-v0", ALL_METHODS),
-    ("craft/TextWorld-v0", ALL_METHODS),
-])
-def test_the_cpu_preset_gives_the_config_ids_of_its_published_rows(env, methods):
+@pytest.mark.parametrize("env", ["craft/ALFWorldGen-v0", "craft/SearchQAGen-v0", "craft/WebShopGen-v0",
+                                 "craft/TextWorld-v0"])
+def test_the_cpu_preset_gives_the_config_ids_of_its_published_rows(env):
     """The short command (`--method M --env E`) reproduces the leaderboard's rows: ALFWorldGen's under the current
     preset, Search-QA's and WebShop's under the first one, which those environments keep, TextWorld's cooking rows."""
-    for method in methods:
+    for method in ALL_METHODS:
         (config,) = build_configs(parse_args(["--method", method, "--env", env]))
         assert _is_published(config), f"no published entry for {env} {method} {run_id(config)}"
     (alfworld,) = build_configs(parse_args(["--method", "grpo"]))

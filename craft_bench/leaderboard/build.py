@@ -317,7 +317,8 @@ def _measured_section(summary: list[dict[str, Any]], plots: dict[tuple[str, ...]
         if plot is not None:
             relative = plot.relative_to(root).as_posix()
             lines += [f"Learning curves (left: held-out success after training; right: training {CURVE_METRIC} per "
-                      f"step, smoothed by a trailing mean over a tenth of the longest run; {BAND}, all splits): ![learning curves]({relative})", ""]
+                      f"step, smoothed by a trailing mean over a tenth of the longest run; {BAND}, all splits): "
+                      f"![learning curves]({relative})", ""]
     lines += ["### Method configurations", "", "| config | method | method_config |", "|---|---|---|"]
     seen = set()
     for row in sorted(summary, key=lambda r: (r["method"], r["config"])):
@@ -430,7 +431,8 @@ def learning_curve_figure(title: str, evals: dict[str, list[tuple[float, list[fl
             seeds = curves.get(label)
             if not seeds:
                 continue
-            table = pd.concat([seed.sort_index().rolling(window, min_periods=1).mean() for seed in seeds], axis=1)
+            smoothed = [seed.sort_index().rolling(window, min_periods=1).mean() for seed in seeds]
+            table = pd.concat(smoothed, axis=1).sort_index()  # seeds may have logged different steps
             mean = table.mean(axis=1)
             count = table.count(axis=1)
             se = table.std(axis=1, ddof=1) / np.sqrt(count)
