@@ -28,8 +28,10 @@ CPU_PRESET: dict[str, Any] = {
     "eval_temperature": 1.0,
     # How the step is computed (docs/benchmarks.md measures each): θ_old from the sampler wherever the sampler is the
     # policy (temperature 1), env steps of one wave overlapping the other wave's generation, the next step's resets
-    # during this step's update, each distinct row scored once, and training's forward passes in bfloat16 (a recorded
-    # setting: it changes results beyond rounding).
+    # during this step's update, each distinct row scored once, and training's forward passes in bfloat16 where the
+    # CPU multiplies bfloat16 natively (AVX512-BF16, AMX), else float32: emulated bfloat16 made the step 12x slower
+    # on an AVX2-only CPU. A recorded setting (it changes results beyond rounding): the published ALFWorldGen rows
+    # were made in bfloat16, so a CPU without those instructions runs another config id.
     "old_logprobs": "auto",
     "rollout_waves": 2,
     "rollout_threads": 1,
@@ -39,7 +41,7 @@ CPU_PRESET: dict[str, Any] = {
     "torch_threads": 1,
     "reset_ahead": True,
     "distinct_rows": True,
-    "train_dtype": "bfloat16",
+    "train_dtype": "auto",
     "attn_implementation": "eager",
     # Dr. GRPO's advantage (no division by the group's std): a group without a win has all-equal returns and no
     # gradient, and a win weighs by its reward, not by how little its siblings' returns vary.

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -45,6 +46,7 @@ from craft_bench.agents.engine import (
 from craft_bench.agents.episodes import episode_return, summarize
 from craft_bench.agents.methods import Method, combine_metrics, make_method
 from craft_bench.agents.policy import Policy, pad_token_id
+from craft_bench.agents.precision import emulated_bfloat16_warning, resolve_train_dtype
 from craft_bench.agents.rollout import (
     collect_rollouts,
     evaluate_episodes,
@@ -181,8 +183,10 @@ class TrainConfig:
     optimizer state and every log-softmax stay float32), as verl and TRL train. A speed option that changes results
     beyond float rounding (sampled tokens differ), so a run records it; evaluation always runs in float32,
     so a bfloat16 run stands beside the same `base` row. On CPU it pays only with bfloat16 matmul instructions
-    (AVX512-BF16, AMX) and a model wide enough for its matmuls to outweigh autocast's casts: docs/benchmarks.md has
-    both measurements."""
+    (AVX512-BF16, AMX) and a model wide enough for its matmuls to outweigh autocast's casts; without them torch
+    emulates bfloat16 and the step is many times slower (12x measured): docs/benchmarks.md has the measurements.
+    "auto" (the CPU preset's choice) becomes "bfloat16" where the device multiplies bfloat16 natively, else
+    "float32", when the config is made (`agents.precision`)."""
     attn_implementation: str | None = None
     """Attention kernel of the policy (and of its reference and EMA copies), set after loading with transformers'
     `set_attn_implementation`: None keeps the model's own (sdpa by default), or "eager", "sdpa", ... Every kernel
@@ -234,8 +238,10 @@ class TrainConfig:
         kernel = self.attn_implementation
         if kernel is not None and (not isinstance(kernel, str) or not kernel):
             problems.append(f"attn_implementation must be None or a kernel name such as 'eager', got {kernel!r}")
+        if self.train_dtype == "auto":  # resolved here, as old_logprobs is: the config records the dtype trained in
+            self.train_dtype = resolve_train_dtype("auto", self.device)
         if self.train_dtype not in TRAIN_DTYPES:
-            problems.append(f"train_dtype must be one of {sorted(TRAIN_DTYPES)}, got {self.train_dtype!r}")
+            problems.append(f"train_dtype must be one of {sorted(TRAIN_DTYPES)} or 'auto', got {self.train_dtype!r}")
         if self.rollout_waves < 1:
             problems.append(f"rollout_waves must be >= 1, got {self.rollout_waves}")
         for name in ("torch_threads", "rollout_threads"):
@@ -291,6 +297,9 @@ class Trainer:
         self.dp = data_parallel or DataParallel()
         self.dp.check_groups(config.tasks_per_step)
         self.config = config
+        slow_dtype = emulated_bfloat16_warning(config.train_dtype, config.device)
+        if slow_dtype:  # said once per run, before hours go into a step that bfloat16 emulation makes 12x slower
+            warnings.warn(slow_dtype, stacklevel=2)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress

@@ -398,8 +398,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="rollout waves (2: env steps of one wave overlap the next wave's generation)")
     parser.add_argument("--old-logprobs", choices=("rescore", "rollout", "auto"), default=defaults["old_logprobs"],
                         help="θ_old's log-probs: scored again, or the sampler's own")
-    parser.add_argument("--train-dtype", choices=sorted(trainer_module.TRAIN_DTYPES), default="float32",
-                        help="compute dtype of the step's forward passes (bfloat16: autocast); the limits use it too")
+    parser.add_argument("--train-dtype", choices=[*sorted(trainer_module.TRAIN_DTYPES), "auto"], default="float32",
+                        help="compute dtype of the step's forward passes (bfloat16: autocast; auto: bfloat16 where "
+                             "the CPU multiplies it natively, else float32); the limits use it too")
     parser.add_argument("--attn", default=None, help="attention kernel (TrainConfig.attn_implementation): eager | sdpa")
     parser.add_argument("--reset-ahead", action="store_true",
                         help="reset the next step's games during this step's scoring and update (TrainConfig.reset_ahead)")
@@ -454,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"env: {args.env}; method: {args.method} {json.dumps(config.method_options)}; B={args.tasks} "
               f"G={args.group_size} turns<={args.max_turns} max_new_tokens={args.max_new_tokens}; "
               f"torch threads {args.threads} (rollouts {args.rollout_threads}), env workers {args.workers}, "
-              f"rollout waves {args.waves}, old log-probs {args.old_logprobs}, train dtype {args.train_dtype}, "
+              f"rollout waves {args.waves}, old log-probs {config.old_logprobs}, train dtype {config.train_dtype}, "
               f"attention {args.attn or 'default'}, reset ahead {args.reset_ahead}, distinct rows {args.distinct_rows}")
         print(f"timed step: {int(row['rollout/rows'])} rows, {counts.generate_new} generated tokens\n")
         print("\n".join(phase_table(row, counts, limits)))
