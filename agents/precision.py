@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import torch
 
-#: What `TrainConfig.train_dtype="auto"` becomes where bfloat16 is native, and where it is not.
-AUTO_FAST, AUTO_FALLBACK = "bfloat16", "float32"
-
-
 def native_bfloat16(device: str | torch.device = "cpu") -> bool:
     """Whether `device` multiplies bfloat16 matrices in hardware. On CPU: AVX512-BF16 or AMX, as torch's own CPU
     kernels detect them (on a CPU without them, e.g. an AVX2-only AMD EPYC, one bfloat16 training step of the
-    embedded default took 12x its float32 time: docs/benchmarks.md). On CUDA: `torch.cuda.is_bf16_supported()`.
-    Other devices, and CPUs whose bfloat16 support torch cannot report (ARM), count as not native."""
+    embedded default took 12x its float32 time: docs/benchmarks.md). On CUDA: compute capability 8 or more, or ROCm
+    (`torch.cuda.is_bf16_supported(including_emulation=False)`; older GPUs only emulate it). Other devices, and CPUs
+    whose bfloat16 support torch cannot report (ARM), count as not native."""
     kind = torch.device(device).type
     if kind == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if kind != "cpu":
         return False
     # Private, but the checks torch's CPU kernels dispatch on; a torch without them reports no native bfloat16.
@@ -30,7 +27,7 @@ def resolve_train_dtype(train_dtype: str, device: str | torch.device = "cpu") ->
     unchanged. The result is what a run records, so a run's identity says which dtype it trained in."""
     if train_dtype != "auto":
         return train_dtype
-    return AUTO_FAST if native_bfloat16(device) else AUTO_FALLBACK
+    return "bfloat16" if native_bfloat16(device) else "float32"
 
 
 def emulated_bfloat16_warning(train_dtype: str, device: str | torch.device = "cpu") -> str | None:

@@ -238,8 +238,8 @@ class TrainConfig:
         kernel = self.attn_implementation
         if kernel is not None and (not isinstance(kernel, str) or not kernel):
             problems.append(f"attn_implementation must be None or a kernel name such as 'eager', got {kernel!r}")
-        if self.train_dtype == "auto":  # resolved here, as old_logprobs is: the config records the dtype trained in
-            self.train_dtype = resolve_train_dtype("auto", self.device)
+        # "auto" is resolved here, as old_logprobs is: the config records the dtype it trains in.
+        self.train_dtype = resolve_train_dtype(self.train_dtype, self.device)
         if self.train_dtype not in TRAIN_DTYPES:
             problems.append(f"train_dtype must be one of {sorted(TRAIN_DTYPES)} or 'auto', got {self.train_dtype!r}")
         if self.rollout_waves < 1:
