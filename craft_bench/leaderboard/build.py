@@ -256,8 +256,9 @@ def _difference_text(entry: dict[str, Any], reference: dict[str, Any]) -> str:
 
 
 def versus_grpo(entry: dict[str, Any], group: list[dict[str, Any]]) -> str:
-    """The success difference to GRPO as table text: `+0.021 [-0.050, +0.092] (n=3)`. A `base` row facing several
-    GRPO configurations gives one difference per configuration, each followed by its config id."""
+    """The success difference to GRPO as table text: `+0.021 [-0.050, +0.092] (n=3)`. In a table with several GRPO
+    entries each difference is followed by the config id it is taken against, and a `base` row facing several GRPO
+    configurations of its protocol gives one difference per configuration."""
     references = _reference_entries(entry, group)
     if not references:
         if entry["method"] == BASE_METHOD:
@@ -265,7 +266,9 @@ def versus_grpo(entry: dict[str, Any], group: list[dict[str, Any]]) -> str:
         return f"{NO_SE} (no single {REFERENCE_METHOD} entry)"
     if references == [entry]:
         return "reference"
-    if len(references) == 1:
+    # In a table with one GRPO entry the comparison is unambiguous; with several (a preset and a sweep point, or one
+    # preset trained in two dtypes) each difference names the entry it is taken against.
+    if sum(r["method"] == REFERENCE_METHOD for r in group) == 1:
         return _difference_text(entry, references[0])
     return "; ".join(f"{_difference_text(entry, r)} vs `{r['config']}`" for r in references)
 
@@ -529,8 +532,9 @@ def build(root: str | Path = DEFAULT_ROOT) -> list[Path]:
              f"The untrained `{BASE_METHOD}` model is compared with the {REFERENCE_METHOD} entry evaluated under "
              f"its protocol (same evaluation settings); evaluated greedily it scores the same on every seed, so its "
              f"mean is compared with each {REFERENCE_METHOD} seed (n = {REFERENCE_METHOD}'s seeds); evaluated with "
-             "sampling, its seeds are paired like any method's. An interval that excludes 0 is a significant "
-             "difference at the 5% level.", ""]
+             "sampling, its seeds are paired like any method's. Where a table holds several "
+             f"{REFERENCE_METHOD} entries, each difference names the config id it is taken against. An interval that "
+             "excludes 0 is a significant difference at the 5% level.", ""]
     lines += _measured_section(summarise(frame), {key: path for key, (path, _) in plots.items()}, root)
     lines += _reference_section(reference)
     markdown = root / "LEADERBOARD.md"
