@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from fake_envs import COUNTER_ENV_ID
@@ -62,9 +63,34 @@ def test_the_trl_comparison_prints_its_ratio_without_trls_deprecation_warnings(c
     pytest.importorskip("trl")
     threads = torch.get_num_threads()
     try:
-        bench_main(["train", *SMALL])
+        bench_main(["train", *SMALL, "--repeat", "2"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "throughput ratio craft-bench / TRL:" in out, out
+    assert "median of 2 timed step(s)" in out, out
     assert not [w for w in recwarn if "gradient_checkpointing" in str(w.message)], [str(w.message) for w in recwarn]
+
+
+def test_the_single_turn_side_reports_the_median_of_its_timed_steps(tmp_path, monkeypatch):
+    # Three timed steps after the warm-up: the reported step time is the median of metrics rows 1-3, never the
+    # warm-up's (row 0).
+    from craft_bench.agents.trainer import TrainConfig
+    from craft_bench.bench import train as bench_train
+
+    config = TrainConfig(method="grpo", env_id=COUNTER_ENV_ID, model=str(MODEL), tasks_per_step=2, group_size=2,
+                         max_turns=2, max_new_tokens=4, num_workers=0, eval_episodes=1, checkpoint_every=1000)
+    threads = torch.get_num_threads()
+    try:
+        result = bench_train.craft_single_turn(config, tmp_path / "single", repeat=3)
+    finally:
+        torch.set_num_threads(threads)
+    steps = pd.read_csv(tmp_path / "single" / "metrics.csv")["time/step_s"]
+    assert len(steps) == 4
+    assert result["step_s"] == float(steps.iloc[1:].median())
+
+
+def test_repeat_below_one_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench_main(["train", *SMALL, "--repeat", "0"])
+    assert "--repeat must be at least 1, got 0" in capsys.readouterr().err

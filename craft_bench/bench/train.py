@@ -13,7 +13,8 @@ runs with a KV cache and counts prompt + new tokens, so it can exceed the forwar
 The TRL comparison (optional `bench` extra: `pip install craft-bench[bench]`) plays the first turn of B training tasks
 as a single-turn task (reward: the reply is the expert's first action), G completions each, one update, with
 `GRPOTrainer` (β = 0, one iteration, CPU) and with craft-bench's `grpo` at `max_turns=1`; both time one step after a
-warm-up step and report step time and processed tokens/s. Both get the same `--train-dtype` (TRL's `bf16`, the
+warm-up step and report the median step time over `--repeat` timed steps (a single-turn step takes a second or two,
+so one step's time is mostly noise on a shared machine). Both get the same `--train-dtype` (TRL's `bf16`, the
 Trainer's CPU autocast) and `--attn`. If TRL is missing or fails, the table says so and why.
 """
 
@@ -25,6 +26,7 @@ import io
 import json
 import math
 import os
+import statistics
 import shlex
 import socket
 import subprocess
@@ -138,21 +140,23 @@ def plain_throughput(model: torch.nn.Module, rows: Sequence[tuple[list[int], lis
     return tokens / elapsed
 
 
-def timed_step(config: TrainConfig, run_dir: Path) -> tuple[dict[str, float], TokenCounts, dict[str, float], Trainer]:
-    """Warm-up step 0, then step 1 counted; returns step 1's metrics row, its token counts and the plain limits."""
+def timed_step(config: TrainConfig, run_dir: Path,
+               timed_steps: int = 1) -> tuple[dict[str, float], TokenCounts, dict[str, float], Trainer]:
+    """Warm-up step 0, then `timed_steps` steps, the last one counted; returns the last step's metrics row, its token
+    counts and the plain limits (every step's row is in run_dir's metrics.csv)."""
     trainer = Trainer(config, run_dir, progress=False)
     counts = TokenCounts()
     train_step = trainer.train_step
 
     def count_step_1_only(step: int) -> dict[str, float]:
-        if step == 1:  # the warm-up step's counts are dropped: the table counts the timed step only
+        if step == timed_steps:  # earlier steps' counts are dropped: the table counts the last step only
             vars(counts).update(vars(TokenCounts()))
         return train_step(step)
 
     try:
-        # One run of two steps, so that the warm-up step does for the timed one what any step does for the next
-        # (reset_ahead starts its resets), and nothing runs in the background once the timed step is done.
-        trainer.config.steps = 2
+        # One run, so that the warm-up step does for the timed one what any step does for the next (reset_ahead
+        # starts its resets), and nothing runs in the background once the last timed step is done.
+        trainer.config.steps = 1 + timed_steps
         trainer.train_step = count_step_1_only  # type: ignore[method-assign]
         with count_tokens(trainer, counts):
             trainer.train()
@@ -224,8 +228,9 @@ def _without_trl_deprecation_warnings() -> Iterator[None]:
         yield
 
 
-def trl_step(model_path: str, config: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """One warm-up and one timed GRPOTrainer step on the single-turn task; raises ImportError without TRL."""
+def trl_step(model_path: str, config: TrainConfig, run_dir: Path, repeat: int = 1) -> dict[str, Any]:
+    """One warm-up and `repeat` timed GRPOTrainer steps on the single-turn task (their median); raises ImportError
+    without TRL."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -261,7 +266,7 @@ def trl_step(model_path: str, config: TrainConfig, run_dir: Path) -> dict[str, A
     with _without_trl_deprecation_warnings():
         args = GRPOConfig(
             output_dir=str(run_dir), per_device_train_batch_size=batch, num_generations=config.group_size,
-            max_completion_length=config.max_new_tokens, max_steps=2, learning_rate=config.lr, beta=0.0,
+            max_completion_length=config.max_new_tokens, max_steps=1 + repeat, learning_rate=config.lr, beta=0.0,
             num_iterations=1, temperature=config.temperature, use_cpu=True, report_to="none",
             # bf16 on CPU is the Trainer's autocast, as craft-bench's train_dtype="bfloat16" is.
             bf16=config.train_dtype == "bfloat16",
@@ -270,20 +275,22 @@ def trl_step(model_path: str, config: TrainConfig, run_dir: Path) -> dict[str, A
             # replies of the same length.
             generation_kwargs={"eos_token_id": stop_token_ids(tokenizer, chat)},
         )
-    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows] * 2)
+    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows] * (1 + repeat))
     # TRL prints its log dicts with tqdm disabled.
     with _without_trl_deprecation_warnings(), contextlib.redirect_stdout(io.StringIO()):
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[StepTimer()])
         trainer.train()
-    return {"step_s": times[-1]}
+    return {"step_s": statistics.median(times[1:])}
 
 
-def craft_single_turn(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """craft-bench's grpo on the same single-turn shape: max_turns=1, B x G episodes, one update; step 1 timed."""
+def craft_single_turn(config: TrainConfig, run_dir: Path, repeat: int = 1) -> dict[str, Any]:
+    """craft-bench's grpo on the same single-turn shape: max_turns=1, B x G episodes, one update; after the warm-up
+    step, the median of `repeat` timed steps (step time, and its env time)."""
     single = TrainConfig(**{**config.__dict__, "method": "grpo", "method_options": {}, "max_turns": 1})
-    row, _, _, _ = timed_step(single, run_dir)
-    return {"step_s": float(row["time/step_s"]), "env_s": float(row["time/env_s"])}
+    timed_step(single, run_dir, timed_steps=repeat)
+    rows = pd.read_csv(run_dir / METRICS_FILE).iloc[1:]
+    return {"step_s": float(rows["time/step_s"].median()), "env_s": float(rows["time/env_s"].median())}
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -408,6 +415,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="score and update each distinct (prompt, response) row once (TrainConfig.distinct_rows)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL comparison")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed steps of each side of the TRL comparison after its warm-up (the median is "
+                             "reported)")
     parser.add_argument("--against", metavar="REV", action="append", default=[],
                         help="also time the same step with the code of git revision REV (e.g. a commit before a "
                              "speed-up), in a subprocess of this run; repeatable")
@@ -421,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="N > 1: only time the step with N data-parallel processes (torchrun, gloo) against 1 "
                              "process, both launched from this run, and print their ratio")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.processes > 1:
         print("\n".join(ddp_table(args)))
         return
@@ -475,19 +487,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.no_trl:
             print("TRL comparison: skipped (--no-trl)")
             return
-        craft = craft_single_turn(config, Path(tmp) / "single")
+        craft = craft_single_turn(config, Path(tmp) / "single", args.repeat)
         completions = args.tasks * args.group_size
         craft_line = (f"| craft-bench grpo | {craft['step_s']:.3f} | {craft['step_s'] - craft['env_s']:.3f} | "
                       f"{completions / craft['step_s']:.1f} |")
         try:
-            trl = trl_step(model_path, config, Path(tmp) / "trl")
+            trl = trl_step(model_path, config, Path(tmp) / "trl", args.repeat)
         except Exception as error:  # noqa: BLE001 - any TRL failure is reported; the craft-bench rows stand
             hint = " (`pip install craft-bench[bench]`)" if isinstance(error, ImportError) else ""
             print(f"TRL comparison: skipped, {type(error).__name__}: {str(error)[:300]}{hint}")
             print(craft_line)
             return
         print(f"single-turn GRPO step (B={args.tasks} prompts x G={args.group_size}, max_new_tokens="
-              f"{args.max_new_tokens}, one update; TRL scores by a reward function, craft-bench steps its env):")
+              f"{args.max_new_tokens}, one update; TRL scores by a reward function, craft-bench steps its env; "
+              f"median of {args.repeat} timed step(s) after a warm-up):")
         print("| trainer | s / step | s / step without env | completions / s |")
         print("|---|---|---|---|")
         print(craft_line)
