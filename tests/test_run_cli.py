@@ -202,15 +202,16 @@ def test_the_cpu_preset_gives_the_config_ids_of_its_published_rows(env, monkeypa
 
 def test_on_a_cpu_without_native_bfloat16_the_preset_trains_in_float32_under_its_own_id(monkeypatch):
     """Emulated bfloat16 made the step 12x slower (docs/benchmarks.md), so there the preset trains in float32; that
-    changes results, so those runs carry another config id than the bfloat16 rows, and `base` (which does not train)
-    keeps its published id."""
+    changes results, so those runs carry another config id than the bfloat16 rows (GRPO's float32 rows are published
+    under their own id), and `base` (which does not train) keeps its published id."""
     monkeypatch.setattr(precision, "native_bfloat16", lambda device="cpu": False)
     (grpo,) = build_configs(parse_args(["--method", "grpo"]))
-    assert grpo.train_dtype == "float32" and not _is_published(grpo)
+    (forced,) = build_configs(parse_args(["--method", "grpo", "--set", 'train_dtype="bfloat16"']))
+    assert grpo.train_dtype == "float32" and forced.train_dtype == "bfloat16"
+    assert run_id(grpo) != run_id(forced)
+    assert _is_published(grpo) and _is_published(forced)  # the bfloat16 rows reproduce, slowly, when asked for
     (base,) = build_configs(parse_args(["--method", "base"]))
     assert _is_published(base)
-    (forced,) = build_configs(parse_args(["--method", "grpo", "--set", 'train_dtype="bfloat16"']))
-    assert forced.train_dtype == "bfloat16" and _is_published(forced)  # the rows reproduce, slowly, when asked for
 
 
 # ---------------------------------------------------------------------------------------------------- one run per dir
