@@ -72,7 +72,7 @@ def test_the_trl_comparison_prints_its_ratio_without_trls_deprecation_warnings(c
     assert not [w for w in recwarn if "gradient_checkpointing" in str(w.message)], [str(w.message) for w in recwarn]
 
 
-def test_the_single_turn_side_reports_the_median_of_its_timed_steps(tmp_path, monkeypatch):
+def test_the_single_turn_side_reports_the_median_of_its_timed_steps(tmp_path):
     # Three timed steps after the warm-up: the reported step time is the median of metrics rows 1-3, never the
     # warm-up's (row 0).
     from craft_bench.agents.trainer import TrainConfig

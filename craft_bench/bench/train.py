@@ -26,9 +26,9 @@ import io
 import json
 import math
 import os
-import statistics
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,15 +140,15 @@ def plain_throughput(model: torch.nn.Module, rows: Sequence[tuple[list[int], lis
     return tokens / elapsed
 
 
-def timed_step(config: TrainConfig, run_dir: Path,
-               timed_steps: int = 1) -> tuple[dict[str, float], TokenCounts, dict[str, float], Trainer]:
+def timed_step(config: TrainConfig, run_dir: Path, timed_steps: int = 1,
+               measure_limits: bool = True) -> tuple[dict[str, float], TokenCounts, dict[str, float], Trainer]:
     """Warm-up step 0, then `timed_steps` steps, the last one counted; returns the last step's metrics row, its token
-    counts and the plain limits (every step's row is in run_dir's metrics.csv)."""
+    counts and the plain limits (empty without `measure_limits`); every step's row is in run_dir's metrics.csv."""
     trainer = Trainer(config, run_dir, progress=False)
     counts = TokenCounts()
     train_step = trainer.train_step
 
-    def count_step_1_only(step: int) -> dict[str, float]:
+    def count_last_step_only(step: int) -> dict[str, float]:
         if step == timed_steps:  # earlier steps' counts are dropped: the table counts the last step only
             vars(counts).update(vars(TokenCounts()))
         return train_step(step)
@@ -157,16 +157,16 @@ def timed_step(config: TrainConfig, run_dir: Path,
         # One run, so that the warm-up step does for the timed one what any step does for the next (reset_ahead
         # starts its resets), and nothing runs in the background once the last timed step is done.
         trainer.config.steps = 1 + timed_steps
-        trainer.train_step = count_step_1_only  # type: ignore[method-assign]
+        trainer.train_step = count_last_step_only  # type: ignore[method-assign]
         with count_tokens(trainer, counts):
             trainer.train()
         row = pd.read_csv(run_dir / METRICS_FILE).iloc[-1].to_dict()
-        with trainer._train_precision():  # the limit at the step's own compute dtype
-            limits = {
-                "fwd": plain_throughput(trainer.model, counts.update_rows, trainer.pad_id, config.micro_batch_rows, False),
-                "fwd+bwd": plain_throughput(trainer.model, counts.update_rows, trainer.pad_id, config.micro_batch_rows,
-                                            True),
-            }
+        limits = {}
+        if measure_limits:
+            with trainer._train_precision():  # the limit at the step's own compute dtype
+                limits = {kind: plain_throughput(trainer.model, counts.update_rows, trainer.pad_id,
+                                                 config.micro_batch_rows, backward)
+                          for kind, backward in (("fwd", False), ("fwd+bwd", True))}
     finally:
         trainer.close()
     return row, counts, limits, trainer
@@ -288,7 +288,7 @@ def craft_single_turn(config: TrainConfig, run_dir: Path, repeat: int = 1) -> di
     """craft-bench's grpo on the same single-turn shape: max_turns=1, B x G episodes, one update; after the warm-up
     step, the median of `repeat` timed steps (step time, and its env time)."""
     single = TrainConfig(**{**config.__dict__, "method": "grpo", "method_options": {}, "max_turns": 1})
-    timed_step(single, run_dir, timed_steps=repeat)
+    timed_step(single, run_dir, timed_steps=repeat, measure_limits=False)  # the limits are the phase table's
     rows = pd.read_csv(run_dir / METRICS_FILE).iloc[1:]
     return {"step_s": float(rows["time/step_s"].median()), "env_s": float(rows["time/env_s"].median())}
 
