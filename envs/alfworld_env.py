@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from craft_bench.envs import alfworld_gen
+from craft_bench.envs import alfworld_gen, sas_cache
 from craft_bench.envs.alfworld_skills import strategy
 from craft_bench.envs.base import EngineStep, TaskStart, TextAgentEnv, normalize_action
 from craft_bench.envs.cache import clear_command
@@ -75,7 +76,8 @@ def install_engine_memos() -> None:
 
     TextWorld re-parses each grammar template (`textgen._parse_and_convert`) and each rule condition
     (`Rule.parse_conjunctive_query`) with tatsu on every derivation, about 75% of an ALFWorld step, translates
-    the same PDDL problem to SAS (`fast_downward.pddl2sas`) twice per reset, and parses the game's whole grammar
+    the same PDDL problem to SAS (`fast_downward.pddl2sas`) twice per reset (kept on disk as well, for later
+    processes and runs: envs/sas_cache.py), and parses the game's whole grammar
     (`GameLogic`, via `pddl.logic._parse_and_convert`) on every load, about 60% of a reset once the translation is
     cached. All four are pure functions of their arguments, so caching them changes no output (tests/test_alfworld.py
     pins this); parsed templates are deep-copied on the way out because derivation writes into them, while a game's
@@ -122,17 +124,62 @@ def install_engine_memos() -> None:
             queries[expression] = stock_query.__func__(cls, expression)
         return queries[expression]
 
-    def translate(*args: Any, **kwargs: Any) -> Any:
-        return remembered(translations, stock_translate, args, kwargs)
+    def translate(domain: str, problem: str, verbose: bool = False, optimize: bool = False) -> Any:
+        # In memory first, then on disk (envs/sas_cache.py), then Fast Downward itself.
+        return remembered(translations, functools.partial(sas_cache.translate, stock_translate),
+                          (domain, problem, verbose, optimize), {})
 
     def parse_game_grammar(*args: Any, **kwargs: Any) -> Any:
-        return remembered(game_grammars, stock_game_grammar, args, kwargs)
+        split = split_task_rule(args[0]) if len(args) == 1 and kwargs == {"rule_name": "pddlStart"} else None
+        if split is None:
+            return remembered(game_grammars, stock_game_grammar, args, kwargs)
+        # Games differ only in their goal sentence: parse the grammar once with a stand-in goal, then swap in
+        # this game's "task" rule, parsed as TextWorld parses every rule (split_task_rule says when this holds).
+        canonical, task_literal = split
+        actions, grammar = remembered(game_grammars, stock_game_grammar, (canonical,), kwargs)
+        return actions, with_task_rule(grammar, task_literal)
 
     textgen._parse_and_convert = parse_template
     Rule.parse_conjunctive_query = classmethod(parse_query)
     fast_downward.pddl2sas = translate
     pddl_logic._parse_and_convert = parse_game_grammar
     textgen.copy_context = copy_context_dicts
+
+
+#: The goal rule ALFWorld's grammar holds (`add_task_to_grammar` writes the goal into it): a JSON rule with an rhs
+#: only. Its literal is a JSON string, escapes included.
+_TASK_RULE = re.compile(r'"task"\s*:\s*\[\s*\{\s*"rhs"\s*:\s*(?P<literal>"(?:[^"\\\n]|\\.)*")\s*\}\s*\]')
+STAND_IN_TASK_LITERAL = '"Your task is to: UNKNOWN GOAL."'
+
+
+def split_task_rule(grammar_text: str) -> tuple[str, str] | None:
+    """(the game grammar with a stand-in goal, this game's goal rule literal), or None when the text does not have
+    exactly one `"task"` rule of the form ALFWorld writes, in which case the whole text is parsed as it stands.
+
+    Parsing a grammar is parsing each of its rules on its own (`ContextSensitiveGrammar.parse`), and a rule named
+    once in the whole document is the rule of that name, so the stand-in's parse with this rule swapped in is the
+    parse of this text; tests/test_alfworld.py checks it on games of every task type."""
+    matches = list(_TASK_RULE.finditer(grammar_text))
+    if len(matches) != 1 or grammar_text.count('"task"') != 1:
+        return None
+    literal = matches[0].group("literal")
+    try:
+        json.loads(literal)
+    except ValueError:
+        return None
+    start, end = matches[0].span("literal")
+    return grammar_text[:start] + STAND_IN_TASK_LITERAL + grammar_text[end:], literal
+
+
+def with_task_rule(grammar: Any, task_literal: str) -> Any:
+    """A copy of a parsed game grammar whose "task" rule is the given rule literal, parsed by TextWorld."""
+    from textworld.envs.pddl.textgen import ContextSensitiveGrammar
+
+    task = ContextSensitiveGrammar.parse('{"task": [{"rhs": ' + task_literal + "}]}")
+    swapped = ContextSensitiveGrammar()
+    swapped._rules.update(grammar._rules)  # the other rules' lists are shared, read-only, as siblings share them
+    swapped._rules["task"] = task._rules["task"]
+    return swapped
 
 
 def copy_context_dicts(context: dict[str, Any]) -> dict[str, Any]:

@@ -3,9 +3,14 @@ and the official-data loader works on a generated directory in ALFWorld's own la
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -13,7 +18,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import craft_bench  # noqa: F401  (registers the ids)
-from craft_bench.envs import alfworld_gen
+from craft_bench.envs import alfworld_gen, sas_cache
 from craft_bench.envs.alfworld_env import ALFWorldEnv, ALFWorldGenEnv, clear_plan_memo, normalize_put, strip_intro
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -313,9 +318,10 @@ def test_engine_memos_change_no_output(task_type: str) -> None:
         envs = [AlfredInfos(AlfredDemangler()(PddlEnv(textworld.EnvInfos(won=True, admissible_commands=True))))
                 for _ in range(2)]
         states, rngs, seen = [], [np.random.default_rng(k) for k in range(2)], []
-        for env in envs:
+        for k, env in enumerate(envs):
             env.load(game)
             states.append(env.reset())
+            seen.append((k, states[k]["feedback"], tuple(states[k]["admissible_commands"])))  # the intro: the goal
         for _ in range(12):
             for k, env in enumerate(envs):
                 commands = states[k]["admissible_commands"]
@@ -329,6 +335,20 @@ def test_engine_memos_change_no_output(task_type: str) -> None:
     finally:
         install_engine_memos()
     assert play() == stock
+    # Fresh in-process memos (a new worker process): the translations now come from the disk cache, with the
+    # task object parsed again instead of translated, and the episodes are still TextWorld's.
+    uninstall_engine_memos()
+    translations = count_translations()
+    try:
+        install_engine_memos()
+        assert play() == stock
+        assert translations == []
+    finally:
+        uninstall_engine_memos()
+        import fast_downward
+
+        fast_downward.pddl2sas = translations.stock  # type: ignore[attr-defined]
+        install_engine_memos()
     # ...and the memo is what the siblings used: their parsed grammars are one object, parsed once.
     first, second = PddlEnv(textworld.EnvInfos()), PddlEnv(textworld.EnvInfos())
     first.load(game)
@@ -336,6 +356,151 @@ def test_engine_memos_change_no_output(task_type: str) -> None:
     assert first._logic.actions and all(
         first._logic.actions[name] is action for name, action in second._logic.actions.items()
     )
+
+
+def parsed_grammar(parsed: tuple[dict[str, Any], Any]) -> tuple[list[tuple[str, ...]], dict[str, str]]:
+    """A parsed game grammar as comparable text: its actions' fields and every rule of every symbol."""
+    actions, grammar = parsed
+    return ([(name, a.name, a.template, a.pddl, a.grammar, a.feedback_rule) for name, a in actions.items()],
+            {symbol: repr(rules) for symbol, rules in grammar._rules.items()})
+
+
+def test_a_game_grammar_parsed_with_a_stand_in_goal_is_the_game_grammar() -> None:
+    # The memo parses ALFWorld's grammar once and swaps each game's goal rule in: the result must be TextWorld's own
+    # parse of the game's grammar, for goals of every task type, including ones that need JSON escapes.
+    from craft_bench.envs.alfworld_env import (
+        _STOCK,
+        STAND_IN_TASK_LITERAL,
+        install_engine_memos,
+        split_task_rule,
+        with_task_rule,
+    )
+
+    install_engine_memos()
+    stock_parse = _STOCK["game_grammar"]
+    grammars = [json.loads((alfworld_gen.cached_game(f"gen/valid/{task_type}-00000{i}") / "game.tw-pddl")
+                           .read_text())["grammar"] for task_type in alfworld_gen.TASK_TYPES for i in range(2)]
+    template = alfworld_gen.grammar_with_goal("UNKNOWN GOAL")
+    grammars += [template.replace("UNKNOWN GOAL", goal) for goal in
+                 ("put a \\\"clean\\\" mug in sink", "ünïcode goal \\u00e9", "#look.feedback# {r.name}")]
+    for text in grammars:
+        split = split_task_rule(text)
+        assert split is not None and STAND_IN_TASK_LITERAL in split[0]
+        actions, grammar = stock_parse(split[0], rule_name="pddlStart")
+        assert parsed_grammar((actions, with_task_rule(grammar, split[1]))) == \
+            parsed_grammar(stock_parse(text, rule_name="pddlStart"))
+    # A grammar that names "task" twice, or writes the rule otherwise, is parsed whole.
+    assert split_task_rule(template.replace('"notImplemented"', '"task"')) is None
+    assert split_task_rule(template.replace('"rhs": "Your task', '"weight": 2, "rhs": "Your task')) is None
+
+
+class _Calls(list):
+    stock: Any
+
+
+def count_translations() -> _Calls:
+    """Replace fast_downward.pddl2sas (memos uninstalled) by a wrapper that records each call's problem."""
+    import fast_downward
+
+    calls = _Calls()
+    calls.stock = stock = fast_downward.pddl2sas
+
+    def counted(domain: str, problem: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(problem)
+        return stock(domain, problem, *args, **kwargs)
+
+    fast_downward.pddl2sas = counted
+    return calls
+
+
+def dumped(task: Any) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        task.dump()
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_a_disk_cache_hit_returns_what_fast_downward_translates(optimize: bool) -> None:
+    from fast_downward.interface import pddl2sas
+
+    game = json.loads((alfworld_gen.cached_game("gen/valid/pick_two_obj_and_place-000000") / "game.tw-pddl")
+                      .read_text())
+    domain, problem = game["pddl_domain"], game["pddl_problem"]
+    stock_task, stock_sas = pddl2sas(domain, problem, optimize=optimize)
+    calls = []
+
+    def stock(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["optimize"])
+        return pddl2sas(*args, **kwargs)
+
+    key = sas_cache.entry_key(domain, problem, optimize)
+    sas_cache.entry_path(key).unlink(missing_ok=True)
+    missed = sas_cache.translate(stock, domain, problem, optimize=optimize)  # translates and writes the entry
+    hit = sas_cache.translate(stock, domain, problem, optimize=optimize)  # reads it
+    assert calls == [optimize]
+    assert sas_cache.entry_path(key).is_file()
+    assert missed[1] == hit[1] == stock_sas
+    assert dumped(hit[0]) == dumped(stock_task)  # the task object TextWorld reads actions, types and facts from
+    assert sas_cache.entry_key(domain, problem, not optimize) != key
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[: len(data) // 2],  # truncated (a crash mid-write by something other than us)
+        lambda data: data[:-9] + bytes([data[-9] ^ 1]) + data[-8:],  # a flipped bit: gzip's CRC fails
+        lambda data: gzip.compress(gzip.decompress(data).replace(b"begin_variable", b"begin_variablf", 1)),
+        lambda data: b"",
+    ],
+    ids=["truncated", "bit-flip", "edited-under-a-valid-gzip", "empty"],
+)
+def test_a_damaged_entry_is_translated_again_and_rewritten(damage) -> None:
+    from fast_downward.interface import pddl2sas
+
+    game = json.loads((alfworld_gen.cached_game("gen/valid/pick_and_place_simple-000000") / "game.tw-pddl")
+                      .read_text())
+    domain, problem = game["pddl_domain"], game["pddl_problem"]
+    calls = []
+
+    def stock(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return pddl2sas(*args, **kwargs)
+
+    _, sas = sas_cache.translate(stock, domain, problem)
+    path = sas_cache.entry_path(sas_cache.entry_key(domain, problem, False))
+    good = path.read_bytes()
+    path.write_bytes(damage(good))
+    assert sas_cache.read_entry(sas_cache.entry_key(domain, problem, False)) is None
+    calls.clear()
+    assert sas_cache.translate(stock, domain, problem)[1] == sas
+    assert calls == [1]  # translated again...
+    assert path.read_bytes() == good  # ...and the entry rewritten
+
+
+def test_the_disk_cache_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fast_downward.interface import pddl2sas
+
+    game = json.loads((alfworld_gen.cached_game("gen/valid/look_at_obj_in_light-000000") / "game.tw-pddl")
+                      .read_text())
+    path = sas_cache.entry_path(sas_cache.entry_key(game["pddl_domain"], game["pddl_problem"], True))
+    path.unlink(missing_ok=True)
+    monkeypatch.setenv(sas_cache.SAS_CACHE_VARIABLE, "0")
+    sas_cache.translate(pddl2sas, game["pddl_domain"], game["pddl_problem"], optimize=True)
+    assert not path.exists()
+
+
+def test_the_load_benchmark_times_every_setting_and_restores_the_env() -> None:
+    from craft_bench.bench import _alfworld as bench
+    from craft_bench.envs import alfworld_env
+
+    stock_split = alfworld_env.split_task_rule
+    lines = bench.load_rows(repeats=1, n_tasks=2)
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| setting")]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [label for label, _, _ in bench.LOAD_SETTINGS]
+    assert rows[0].endswith("| 1.00x |")
+    assert alfworld_env.split_task_rule is stock_split  # the "off" settings leave nothing patched behind
+    assert sas_cache.SAS_CACHE_VARIABLE not in os.environ
 
 
 def test_official_game_with_goal_placeholder_gets_the_templated_goal(official_root: Path, tmp_path: Path) -> None:

@@ -63,11 +63,13 @@ def test_the_trl_comparison_prints_its_ratio_without_trls_deprecation_warnings(c
     pytest.importorskip("trl")
     threads = torch.get_num_threads()
     try:
-        bench_main(["train", *SMALL, "--repeat", "2"])
+        bench_main(["train", *SMALL, "--repeat", "2", "--reset-ahead"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "throughput ratio craft-bench / TRL:" in out, out
+    updates = next(line for line in out.splitlines() if line.startswith("craft-bench update per timed step, s: "))
+    assert len(updates.split(": ", 1)[1].split(" (")[0].split(", ")) == 2, updates
     assert "median of 2 timed step(s)" in out, out
     assert not [w for w in recwarn if "gradient_checkpointing" in str(w.message)], [str(w.message) for w in recwarn]
 
@@ -88,6 +90,8 @@ def test_the_single_turn_side_reports_the_median_of_its_timed_steps(tmp_path):
     steps = pd.read_csv(tmp_path / "single" / "metrics.csv")["time/step_s"]
     assert len(steps) == 4
     assert result["step_s"] == float(steps.iloc[1:].median())
+    updates = pd.read_csv(tmp_path / "single" / "metrics.csv")["time/update_s"]
+    assert result["update_s"] == [float(s) for s in updates.iloc[1:]]
 
 
 def test_repeat_below_one_is_refused(capsys):

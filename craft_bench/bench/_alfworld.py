@@ -3,11 +3,16 @@ privileged-plan steps with the cached plan versus a planner call on every step (
 
 All rows play the same generated games (`craft/ALFWorldGen-v0`, split `valid`, two tasks per type) with a seeded
 policy and time steps only (resets are timed apart: they load and translate a PDDL problem, a different cost).
+`--loads` times those loads instead: a game's first reset in a process, with and without the SAS disk cache and
+the game-grammar fast path (`envs/sas_cache.py`, `alfworld_env.split_task_rule`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -162,10 +167,82 @@ def alfworld_rows(n_steps: int, num_workers: int) -> list[dict[str, Any]]:
     return rows
 
 
+#: (label, SAS disk cache on, game grammar parsed once with a stand-in goal) of each `--loads` row.
+LOAD_SETTINGS = (
+    ("as before: translate, parse the whole grammar", False, False),
+    ("grammar fast path only", False, True),
+    ("SAS disk cache (warm) only", True, False),
+    ("both (the env as shipped)", True, True),
+)
+
+
+def first_reset_seconds(task_ids: list[str], sas_disk_cache: bool, grammar_fast_path: bool) -> list[float]:
+    """Seconds of each task's first reset in this process (fresh engine memos, so nothing is remembered in memory;
+    the disk cache, when on, holds every task's translations already)."""
+    import gymnasium as gym
+
+    from craft_bench.envs import alfworld_env, sas_cache
+
+    stock_split = alfworld_env.split_task_rule
+    saved = os.environ.get(sas_cache.SAS_CACHE_VARIABLE)
+    alfworld_env.uninstall_engine_memos()
+    alfworld_env.install_engine_memos()
+    os.environ[sas_cache.SAS_CACHE_VARIABLE] = "1" if sas_disk_cache else "0"
+    if not grammar_fast_path:
+        alfworld_env.split_task_rule = lambda text: None  # the memo then parses each game's grammar whole
+    env = gym.make(ENV_ID, **ENV_KWARGS)
+    try:
+        seconds = []
+        for task in task_ids:
+            tick = time.perf_counter()
+            env.reset(seed=0, options={"task_id": task})
+            seconds.append(time.perf_counter() - tick)
+        return seconds
+    finally:
+        env.close()
+        alfworld_env.split_task_rule = stock_split
+        with contextlib.suppress(KeyError):
+            del os.environ[sas_cache.SAS_CACHE_VARIABLE]
+        if saved is not None:
+            os.environ[sas_cache.SAS_CACHE_VARIABLE] = saved
+
+
+def load_rows(repeats: int, n_tasks: int | None = None) -> list[str]:
+    """A markdown table: median first reset of the `valid` tasks (the first `n_tasks`, default all) per setting, the
+    settings interleaved per repeat."""
+    from craft_bench.envs import alfworld_gen
+
+    tasks = _tasks()[:n_tasks]
+    for task in tasks:
+        alfworld_gen.cached_game(task)  # generated (or checked) before anything is timed
+    first_reset_seconds(tasks[:1], True, True)  # imports and TextWorld's grammar templates, outside the timing
+    first_reset_seconds(tasks, True, True)  # fills the disk cache for the "warm" rows
+    seconds: dict[str, list[float]] = {label: [] for label, _, _ in LOAD_SETTINGS}
+    for _ in range(repeats):
+        for label, disk, grammar in LOAD_SETTINGS:
+            seconds[label] += first_reset_seconds(tasks, disk, grammar)
+    before = statistics.median(seconds[LOAD_SETTINGS[0][0]])
+    lines = [f"first reset of a game in a process ({len(tasks)} tasks of {ENV_ID} {ENV_KWARGS['split']}, "
+             f"{repeats} repeat(s), settings interleaved):", "",
+             "| setting | median ms | mean ms | speed-up |", "|---|---|---|---|"]
+    for label, _, _ in LOAD_SETTINGS:
+        median = statistics.median(seconds[label])
+        lines.append(f"| {label} | {1000 * median:.0f} | {1000 * statistics.mean(seconds[label]):.0f} | "
+                     f"{before / median:.2f}x |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m craft_bench.bench._alfworld", description=__doc__)
     parser.add_argument("--steps", type=int, default=500, help="environment steps per measurement")
+    parser.add_argument("--loads", action="store_true",
+                        help="time games' first resets (disk cache and grammar fast path on and off) instead of steps")
+    parser.add_argument("--repeats", type=int, default=2, help="--loads: passes over the tasks per setting")
+    parser.add_argument("--tasks", type=int, default=None, help="--loads: only the first N tasks (default: all 12)")
     args = parser.parse_args(argv)
+    if args.loads:
+        print("\n".join(load_rows(args.repeats, args.tasks)))
+        return
     rows = alfworld_rows(args.steps, 1)
     width = max(len(r["setting"]) for r in rows)
     print(f"{'setting'.ljust(width)}  steps/s  CPU est.  note")

@@ -290,7 +290,8 @@ def craft_single_turn(config: TrainConfig, run_dir: Path, repeat: int = 1) -> di
     single = TrainConfig(**{**config.__dict__, "method": "grpo", "method_options": {}, "max_turns": 1})
     timed_step(single, run_dir, timed_steps=repeat, measure_limits=False)  # the limits are the phase table's
     rows = pd.read_csv(run_dir / METRICS_FILE).iloc[1:]
-    return {"step_s": float(rows["time/step_s"].median()), "env_s": float(rows["time/env_s"].median())}
+    return {"step_s": float(rows["time/step_s"].median()), "env_s": float(rows["time/env_s"].median()),
+            "update_s": [float(s) for s in rows["time/update_s"]]}
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -507,6 +508,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| TRL GRPOTrainer | {trl['step_s']:.3f} | {trl['step_s']:.3f} | {completions / trl['step_s']:.1f} |")
         print(f"throughput ratio craft-bench / TRL: {trl['step_s'] / craft['step_s']:.2f}x with env, "
               f"{trl['step_s'] / max(craft['step_s'] - craft['env_s'], 1e-9):.2f}x without (> 1: craft-bench is faster)")
+        if args.reset_ahead and args.repeat > 1:
+            # Each step's update shares the cores with the next step's resets, except the last step's: the spread
+            # between them is what resets ahead cost the update (docs/benchmarks.md).
+            print("craft-bench update per timed step, s: " + ", ".join(f"{s:.3f}" for s in craft["update_s"])
+                  + " (the last one has no resets running behind it)")
 
 if __name__ == "__main__":
     main()

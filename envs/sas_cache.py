@@ -1,0 +1,141 @@
+"""Fast Downward's PDDL-to-SAS translations of ALFWorld games, kept on disk so that a game's later loads, in any
+process or run, skip the translation (about 80% of loading a game that is not in memory).
+
+Every ALFWorld load and reset builds TextWorld `PddlState`s, and each one translates its problem twice with
+`fast_downward.pddl2sas` (once plain, once with `optimize=True` for replanning). The translation is a pure function
+of (domain, problem, optimize) and Fast Downward's version, and its SAS text is deterministic, so it can be stored:
+an entry is the gzipped SAS text after a header that holds the text's sha256, named by the sha256 of its inputs. A
+hit parses the PDDL again into Fast Downward's task object (about 2 ms, against 30-60 ms for the translation; the
+task is the same as the one a full translation returns, which tests/test_alfworld.py checks) and reads the SAS
+text. An entry that fails its check (truncated, corrupted, edited) is translated again and rewritten; SAS text that
+does not match its inputs never reaches Fast Downward's C++ loader.
+
+Entries live under `$CRAFT_BENCH_HOME/alfworld-sas/v1/` (about 7 KB each, two per game); `CRAFT_BENCH_SAS_CACHE=0`
+turns the cache off, and deleting the directory clears it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import importlib.metadata
+import io
+import os
+import sys
+import tempfile
+import zlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from craft_bench.envs.cache import cache_dir
+
+#: The environment variable that turns the disk cache off when set to "0" (the in-process memo stays).
+SAS_CACHE_VARIABLE = "CRAFT_BENCH_SAS_CACHE"
+FORMAT_VERSION = "v1"
+_HEADER_PREFIX = b"craft-bench sas v1 sha256="
+
+
+def enabled() -> bool:
+    """Whether translations go through the disk cache (on unless `CRAFT_BENCH_SAS_CACHE=0`)."""
+    return os.environ.get(SAS_CACHE_VARIABLE, "1") != "0"
+
+
+@lru_cache(maxsize=1)
+def _fast_downward_version() -> str:
+    return importlib.metadata.version("fast-downward-textworld")
+
+
+def entry_key(domain: str, problem: str, optimize: bool) -> str:
+    """The sha256 naming one translation: Fast Downward's version, the optimize flag, the domain and the problem."""
+    digest = hashlib.sha256()
+    for part in (_fast_downward_version(), str(bool(optimize)), domain, problem):
+        encoded = part.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little"))  # length-prefixed: no two inputs share a byte stream
+        digest.update(encoded)
+    return digest.hexdigest()
+
+
+def entry_path(key: str) -> Path:
+    return cache_dir("alfworld-sas", FORMAT_VERSION, key[:2]) / f"{key}.sas.gz"
+
+
+def encode_entry(sas: str) -> bytes:
+    body = sas.encode("utf-8")
+    return gzip.compress(_HEADER_PREFIX + hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body,
+                         compresslevel=6, mtime=0)
+
+
+def decode_entry(data: bytes) -> str | None:
+    """The SAS text of an entry's bytes, or None when they fail gzip's CRC or the header's sha256."""
+    try:
+        raw = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error):
+        return None
+    header, newline, body = raw.partition(b"\n")
+    if not newline or not header.startswith(_HEADER_PREFIX):
+        return None
+    if hashlib.sha256(body).hexdigest().encode("ascii") != header[len(_HEADER_PREFIX):]:
+        return None
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def read_entry(key: str) -> str | None:
+    try:
+        data = entry_path(key).read_bytes()
+    except OSError:
+        return None
+    return decode_entry(data)
+
+
+def write_entry(key: str, sas: str) -> None:
+    """Write atomically (temporary file, then rename), so that concurrent writers and readers of one entry, which
+    all hold the same text, never see half a file; a full disk only costs the cache, never the translation."""
+    path = entry_path(key)
+    try:
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}-")
+    except OSError:
+        return
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(encode_entry(sas))
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+
+
+def parse_task(domain: str, problem: str) -> Any:
+    """Fast Downward's normalized task for a domain and problem: what `pddl2sas` builds before translating."""
+    saved_argv = sys.argv
+    # Fast Downward's translate `options` module parses sys.argv when first imported, as pddl2sas itself knows.
+    sys.argv = ["translate.py", "domain", "task"]
+    try:
+        from fast_downward.translate import normalize
+        from fast_downward.translate.pddl_parser import lisp_parser, parsing_functions
+    finally:
+        sys.argv = saved_argv
+    with contextlib.redirect_stdout(io.StringIO()):  # as pddl2sas, which prints only when verbose
+        task = parsing_functions.parse_task(lisp_parser.parse_nested_list(domain.split("\n")),
+                                            lisp_parser.parse_nested_list(problem.split("\n")))
+        normalize.normalize(task)
+    return task
+
+
+def translate(stock_translate: Any, domain: str, problem: str, verbose: bool = False,
+              optimize: bool = False) -> tuple[Any, str]:
+    """`fast_downward.pddl2sas(domain, problem, verbose, optimize)` through the disk cache (verbose runs bypass it:
+    they ask to see the translator's output)."""
+    if verbose or not enabled():
+        return stock_translate(domain, problem, verbose=verbose, optimize=optimize)
+    key = entry_key(domain, problem, optimize)
+    sas = read_entry(key)
+    if sas is not None:
+        return parse_task(domain, problem), sas
+    task, sas = stock_translate(domain, problem, verbose=verbose, optimize=optimize)
+    write_entry(key, sas)
+    return task, sas
