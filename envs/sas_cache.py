@@ -95,8 +95,8 @@ def read_entry(key: str) -> str | None:
 def write_entry(key: str, sas: str) -> None:
     """Write atomically (temporary file, then rename), so that concurrent writers and readers of one entry, which
     all hold the same text, never see half a file; a full disk only costs the cache, never the translation."""
-    path = entry_path(key)
     try:
+        path = entry_path(key)  # creates the directory: a read-only or missing home only costs the cache
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}-")
     except OSError:
         return

@@ -490,6 +490,18 @@ def test_the_disk_cache_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> No
     assert not path.exists()
 
 
+def test_an_unwritable_cache_home_costs_only_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from fast_downward.interface import pddl2sas
+
+    game = json.loads((alfworld_gen.cached_game("gen/valid/look_at_obj_in_light-000000") / "game.tw-pddl")
+                      .read_text())
+    not_a_directory = tmp_path / "home"
+    not_a_directory.write_text("a file where the cache home should be")
+    monkeypatch.setenv("CRAFT_BENCH_HOME", str(not_a_directory))
+    _, sas = sas_cache.translate(pddl2sas, game["pddl_domain"], game["pddl_problem"])
+    assert sas == pddl2sas(game["pddl_domain"], game["pddl_problem"])[1]
+
+
 def test_the_load_benchmark_times_every_setting_and_restores_the_env() -> None:
     from craft_bench.bench import _alfworld as bench
     from craft_bench.envs import alfworld_env
