@@ -124,10 +124,11 @@ def install_engine_memos() -> None:
             queries[expression] = stock_query.__func__(cls, expression)
         return queries[expression]
 
+    translate_through_disk = functools.partial(sas_cache.translate, stock_translate)
+
     def translate(domain: str, problem: str, verbose: bool = False, optimize: bool = False) -> Any:
         # In memory first, then on disk (envs/sas_cache.py), then Fast Downward itself.
-        return remembered(translations, functools.partial(sas_cache.translate, stock_translate),
-                          (domain, problem, verbose, optimize), {})
+        return remembered(translations, translate_through_disk, (domain, problem, verbose, optimize), {})
 
     def parse_game_grammar(*args: Any, **kwargs: Any) -> Any:
         split = split_task_rule(args[0]) if len(args) == 1 and kwargs == {"rule_name": "pddlStart"} else None

@@ -1,16 +1,18 @@
 """Fast Downward's PDDL-to-SAS translations of ALFWorld games, kept on disk so that a game's later loads, in any
-process or run, skip the translation (about 80% of loading a game that is not in memory).
+process or run, skip the translation (`python -m craft_bench.bench._alfworld --loads` measures what that saves).
 
 Every ALFWorld load and reset builds TextWorld `PddlState`s, and each one translates its problem twice with
 `fast_downward.pddl2sas` (once plain, once with `optimize=True` for replanning). The translation is a pure function
 of (domain, problem, optimize) and Fast Downward's version, and its SAS text is deterministic, so it can be stored:
 an entry is the gzipped SAS text after a header that holds the text's sha256, named by the sha256 of its inputs. A
-hit parses the PDDL again into Fast Downward's task object (about 2 ms, against 30-60 ms for the translation; the
-task is the same as the one a full translation returns, which tests/test_alfworld.py checks) and reads the SAS
-text. An entry that fails its check (truncated, corrupted, edited) is translated again and rewritten; SAS text that
-does not match its inputs never reaches Fast Downward's C++ loader.
+hit parses the PDDL again into Fast Downward's task object (a median of 4.5-6.7 ms per problem against 88 ms for
+the translation, `--loads`; the task is the same as the one a full translation returns, which tests/test_alfworld.py
+checks) and reads the SAS text. An entry whose text fails its sha256 (truncated, corrupted, edited) is translated
+again and rewritten, so damaged SAS text never reaches Fast Downward's C++ loader.
 
-Entries live under `$CRAFT_BENCH_HOME/alfworld-sas/v1/` (4.4 KB each on average over 1,002 ALFWorldGen entries, two
+Entries are single files with their own check rather than `envs/cache.py`'s verified directories (a manifest and a
+lock per entry), because a load reads two of them on the reset path. They live under
+`$CRAFT_BENCH_HOME/alfworld-sas/v1/` (4.4 KB each on average over 1,002 ALFWorldGen entries, two
 per game); `CRAFT_BENCH_SAS_CACHE=0` turns the cache off, and deleting the directory clears it.
 """
 
@@ -29,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from craft_bench.envs.cache import cache_dir
+from craft_bench.envs.cache import home
 
 #: The environment variable that turns the disk cache off when set to "0" (the in-process memo stays).
 SAS_CACHE_VARIABLE = "CRAFT_BENCH_SAS_CACHE"
@@ -58,7 +60,8 @@ def entry_key(domain: str, problem: str, optimize: bool) -> str:
 
 
 def entry_path(key: str) -> Path:
-    return cache_dir("alfworld-sas", FORMAT_VERSION, key[:2]) / f"{key}.sas.gz"
+    """Where an entry lives (nothing is created: a read that misses leaves no directory behind)."""
+    return home() / "alfworld-sas" / FORMAT_VERSION / key[:2] / f"{key}.sas.gz"
 
 
 def encode_entry(sas: str) -> bytes:
@@ -96,7 +99,8 @@ def write_entry(key: str, sas: str) -> None:
     """Write atomically (temporary file, then rename), so that concurrent writers and readers of one entry, which
     all hold the same text, never see half a file; a full disk only costs the cache, never the translation."""
     try:
-        path = entry_path(key)  # creates the directory: a read-only or missing home only costs the cache
+        path = entry_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)  # a read-only or unusable home only costs the cache
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}-")
     except OSError:
         return
@@ -109,8 +113,9 @@ def write_entry(key: str, sas: str) -> None:
             os.unlink(temporary)
 
 
-def parse_task(domain: str, problem: str) -> Any:
-    """Fast Downward's normalized task for a domain and problem: what `pddl2sas` builds before translating."""
+@lru_cache(maxsize=1)
+def _translator_modules() -> tuple[Any, Any, Any]:
+    """Fast Downward's normalize, lisp_parser and parsing_functions modules, imported once."""
     saved_argv = sys.argv
     # Fast Downward's translate `options` module parses sys.argv when first imported, as pddl2sas itself knows.
     sys.argv = ["translate.py", "domain", "task"]
@@ -119,6 +124,12 @@ def parse_task(domain: str, problem: str) -> Any:
         from fast_downward.translate.pddl_parser import lisp_parser, parsing_functions
     finally:
         sys.argv = saved_argv
+    return normalize, lisp_parser, parsing_functions
+
+
+def parse_task(domain: str, problem: str) -> Any:
+    """Fast Downward's normalized task for a domain and problem: what `pddl2sas` builds before translating."""
+    normalize, lisp_parser, parsing_functions = _translator_modules()
     with contextlib.redirect_stdout(io.StringIO()):  # as pddl2sas, which prints only when verbose
         task = parsing_functions.parse_task(lisp_parser.parse_nested_list(domain.split("\n")),
                                             lisp_parser.parse_nested_list(problem.split("\n")))

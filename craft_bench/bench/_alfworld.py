@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -183,28 +184,45 @@ def first_reset_seconds(task_ids: list[str], sas_disk_cache: bool, grammar_fast_
 
     from craft_bench.envs import alfworld_env, sas_cache
 
-    stock_split = alfworld_env.split_task_rule
-    saved = os.environ.get(sas_cache.SAS_CACHE_VARIABLE)
     alfworld_env.uninstall_engine_memos()
     alfworld_env.install_engine_memos()
-    os.environ[sas_cache.SAS_CACHE_VARIABLE] = "1" if sas_disk_cache else "0"
-    if not grammar_fast_path:
-        alfworld_env.split_task_rule = lambda text: None  # the memo then parses each game's grammar whole
-    env = gym.make(ENV_ID, **ENV_KWARGS)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(os.environ, {sas_cache.SAS_CACHE_VARIABLE: "1" if sas_disk_cache else "0"}))
+        if not grammar_fast_path:  # the memo then parses each game's grammar whole
+            stack.enter_context(mock.patch.object(alfworld_env, "split_task_rule", lambda text: None))
+        env = stack.enter_context(contextlib.closing(gym.make(ENV_ID, **ENV_KWARGS)))
         seconds = []
         for task in task_ids:
             tick = time.perf_counter()
             env.reset(seed=0, options={"task_id": task})
             seconds.append(time.perf_counter() - tick)
         return seconds
-    finally:
-        env.close()
-        alfworld_env.split_task_rule = stock_split
-        with contextlib.suppress(KeyError):
-            del os.environ[sas_cache.SAS_CACHE_VARIABLE]
-        if saved is not None:
-            os.environ[sas_cache.SAS_CACHE_VARIABLE] = saved
+
+
+def hit_against_translation_rows(task_ids: list[str]) -> list[str]:
+    """A markdown table: what a disk-cache hit does instead of translating (`sas_cache.parse_task`) against Fast
+    Downward's translation itself, per optimize flag, median and range over the tasks' problems (the first is a
+    warm-up)."""
+    import json
+
+    from fast_downward.interface import pddl2sas
+
+    from craft_bench.envs import alfworld_gen, sas_cache
+
+    games = [json.loads((alfworld_gen.cached_game(task) / "game.tw-pddl").read_text()) for task in task_ids]
+    lines = ["| per problem | optimize | median ms | range ms |", "|---|---|---|---|"]
+    for label, run in (("a disk-cache hit: parse the PDDL into the task", lambda d, p, o: sas_cache.parse_task(d, p)),
+                       ("Fast Downward's translation (pddl2sas)", lambda d, p, o: pddl2sas(d, p, optimize=o))):
+        for optimize in (False, True):
+            seconds = []
+            for game in games:
+                tick = time.perf_counter()
+                run(game["pddl_domain"], game["pddl_problem"], optimize)
+                seconds.append(time.perf_counter() - tick)
+            timed = seconds[1:] or seconds
+            lines.append(f"| {label} | {optimize} | {1000 * statistics.median(timed):.1f} | "
+                         f"{1000 * min(timed):.1f}-{1000 * max(timed):.1f} |")
+    return lines
 
 
 def load_rows(repeats: int, n_tasks: int | None = None) -> list[str]:
@@ -215,8 +233,8 @@ def load_rows(repeats: int, n_tasks: int | None = None) -> list[str]:
     tasks = _tasks()[:n_tasks]
     for task in tasks:
         alfworld_gen.cached_game(task)  # generated (or checked) before anything is timed
-    first_reset_seconds(tasks[:1], True, True)  # imports and TextWorld's grammar templates, outside the timing
-    first_reset_seconds(tasks, True, True)  # fills the disk cache for the "warm" rows
+    # Untimed: imports, TextWorld's grammar templates, and the disk cache filled for the "warm" rows.
+    first_reset_seconds(tasks, True, True)
     seconds: dict[str, list[float]] = {label: [] for label, _, _ in LOAD_SETTINGS}
     for _ in range(repeats):
         for label, disk, grammar in LOAD_SETTINGS:
@@ -242,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.loads:
         print("\n".join(load_rows(args.repeats, args.tasks)))
+        print()
+        print("\n".join(hit_against_translation_rows(_tasks()[:args.tasks])))
         return
     rows = alfworld_rows(args.steps, 1)
     width = max(len(r["setting"]) for r in rows)
