@@ -90,6 +90,9 @@ def install_engine_memos() -> None:
     only adds keys to those dicts (`query`) and reads their values (the grammar's `{...}` expressions are attribute
     reads such as `{o.name}`; `Variable`s are immutable), so new dicts holding the same values give the same text;
     the stock version's deep copies were most of what was left of a step (docs/benchmarks.md).
+
+    A sixth lets a reset take over the state its load has just built (`_handing_off_state_class`): TextWorld's
+    `load` builds a `PddlState` to read the game's entities, and the `reset` that follows builds the same state again.
     """
     import fast_downward
     import textworld.envs.pddl.logic as pddl_logic
@@ -103,6 +106,7 @@ def install_engine_memos() -> None:
     stock_translate = _STOCK["translate"] = fast_downward.pddl2sas
     stock_game_grammar = _STOCK["game_grammar"] = pddl_logic._parse_and_convert
     _STOCK["copy_context"] = textgen.copy_context
+    _STOCK["pddl_state"] = pddl_logic.PddlState
     templates: dict[Any, Any] = {}
     queries: dict[str, Any] = {}
     translations: OrderedDict[Any, Any] = OrderedDict()
@@ -145,6 +149,7 @@ def install_engine_memos() -> None:
     fast_downward.pddl2sas = translate
     pddl_logic._parse_and_convert = parse_game_grammar
     textgen.copy_context = copy_context_dicts
+    pddl_logic.PddlState = _handing_off_state_class(pddl_logic.PddlState)
 
 
 #: The goal rule ALFWorld's grammar holds (`add_task_to_grammar` writes the goal into it): a JSON rule with an rhs
@@ -208,6 +213,42 @@ def uninstall_engine_memos() -> None:
         fast_downward.pddl2sas = _STOCK.pop("translate")
         pddl_logic._parse_and_convert = _STOCK.pop("game_grammar")
         textgen.copy_context = _STOCK.pop("copy_context")
+        pddl_logic.PddlState = _STOCK.pop("pddl_state")
+
+
+#: The state a load has just built, offered to the reset that follows it on this thread (_AlfredEngine.load).
+_FRESH_STATE = threading.local()
+
+
+def _handing_off_state_class(stock: type) -> type:
+    """TextWorld's `PddlState` class, except that building a state equal to the one on offer in `_FRESH_STATE`
+    returns that one, unbuilt again.
+
+    A state is a function of (Fast Downward library, problem, game logic): TextWorld's `load` builds one to read the
+    game's entities, then `reset` builds the same one again, loading the same SAS text into the same library copy
+    and adding the same facts. Nothing acts on the game in between, so the first one is still the initial state
+    (tests/test_alfworld.py plays games both ways). Taking it over skips about a fifth of a sibling's reset
+    (docs/benchmarks.md). The offer is thread-local, so a reset on a background thread (TrainConfig.reset_ahead)
+    never takes another thread's state, and used once.
+    """
+
+    class HandingOffPddlState(stock):  # type: ignore[misc, valid-type]
+        def __new__(cls, downward_lib: Any, pddl_problem: str, logic: Any) -> Any:
+            fresh = getattr(_FRESH_STATE, "state", None)
+            if (fresh is not None and fresh.downward_lib is downward_lib and fresh._logic is logic
+                    and fresh.pddl_problem == pddl_problem):
+                _FRESH_STATE.state = None
+                fresh._handed_off = True  # tells __init__, which Python calls next, to leave it as it is
+                return fresh
+            return super().__new__(cls)
+
+        def __init__(self, downward_lib: Any, pddl_problem: str, logic: Any) -> None:
+            if self.__dict__.pop("_handed_off", False):
+                return
+            super().__init__(downward_lib, pddl_problem, logic)
+
+    HandingOffPddlState.__name__ = HandingOffPddlState.__qualname__ = stock.__name__
+    return HandingOffPddlState
 
 
 class _AlfredEngine:
@@ -229,7 +270,11 @@ class _AlfredEngine:
 
     def load(self, game: str | dict[str, Any]) -> str:
         self.env.load(game)
-        self.state = self.env.reset()
+        _FRESH_STATE.state = self.env.unwrapped._pddl_state  # the initial state: reset may take it over
+        try:
+            self.state = self.env.reset()
+        finally:
+            _FRESH_STATE.state = None
         return str(self.state["feedback"])
 
     def step(self, command: str) -> str:

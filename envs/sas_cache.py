@@ -137,6 +137,14 @@ def parse_task(domain: str, problem: str) -> Any:
     return task
 
 
+@lru_cache(maxsize=4)
+def parsed_task(domain: str, problem: str) -> Any:
+    """`parse_task`, remembered for the last few problems: a load asks for the plain and the optimized translation
+    of one problem, whose task objects are the same parse (pddl2sas parses and normalizes before it reads the flag),
+    so two hits share one. TextWorld only reads the task (and discards the optimized one)."""
+    return parse_task(domain, problem)
+
+
 def translate(stock_translate: Any, domain: str, problem: str, verbose: bool = False,
               optimize: bool = False) -> tuple[Any, str]:
     """`fast_downward.pddl2sas(domain, problem, verbose, optimize)` through the disk cache (verbose runs bypass it:
@@ -146,7 +154,7 @@ def translate(stock_translate: Any, domain: str, problem: str, verbose: bool = F
     key = entry_key(domain, problem, optimize)
     sas = read_entry(key)
     if sas is not None:
-        return parse_task(domain, problem), sas
+        return parsed_task(domain, problem), sas
     task, sas = stock_translate(domain, problem, verbose=verbose, optimize=optimize)
     write_entry(key, sas)
     return task, sas

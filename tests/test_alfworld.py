@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -308,19 +309,28 @@ def test_engine_memos_change_no_output(task_type: str) -> None:
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
     from textworld.envs.pddl import PddlEnv
 
-    from craft_bench.envs.alfworld_env import install_engine_memos, uninstall_engine_memos
+    from craft_bench.envs.alfworld_env import _AlfredEngine, install_engine_memos, uninstall_engine_memos
 
     game = str(alfworld_gen.cached_game(f"gen/valid/{task_type}-000000") / "game.tw-pddl")
 
-    def play() -> list[tuple[int, str, tuple[str, ...]]]:
+    def play(engine: bool = True) -> list[tuple[int, str, tuple[str, ...]]]:
         # Two siblings of one game, stepped alternately with their own random actions: with the memos they share
-        # the game's parsed grammar (and translation), which must change neither one's episode.
-        envs = [AlfredInfos(AlfredDemangler()(PddlEnv(textworld.EnvInfos(won=True, admissible_commands=True))))
-                for _ in range(2)]
+        # the game's parsed grammar (and translation), which must change neither one's episode. `engine`: load
+        # through craft-bench's _AlfredEngine, whose reset takes over the state its load built.
+        if engine:
+            engines = [_AlfredEngine() for _ in range(2)]
+            envs = [e.env for e in engines]
+        else:
+            envs = [AlfredInfos(AlfredDemangler()(PddlEnv(textworld.EnvInfos(won=True, admissible_commands=True))))
+                    for _ in range(2)]
         states, rngs, seen = [], [np.random.default_rng(k) for k in range(2)], []
         for k, env in enumerate(envs):
-            env.load(game)
-            states.append(env.reset())
+            if engine:
+                engines[k].load(game)
+                states.append(engines[k].state)
+            else:
+                env.load(game)
+                states.append(env.reset())
             seen.append((k, states[k]["feedback"], tuple(states[k]["admissible_commands"])))  # the intro: the goal
         for _ in range(12):
             for k, env in enumerate(envs):
@@ -331,10 +341,11 @@ def test_engine_memos_change_no_output(task_type: str) -> None:
 
     uninstall_engine_memos()
     try:
-        stock = play()
+        stock = play(engine=False)
     finally:
         install_engine_memos()
     assert play() == stock
+    assert play(engine=False) == stock  # the memos without the engine's hand-off of the loaded state
     # Fresh in-process memos (a new worker process): the translations now come from the disk cache, with the
     # task object parsed again instead of translated, and the episodes are still TextWorld's.
     uninstall_engine_memos()
@@ -356,6 +367,64 @@ def test_engine_memos_change_no_output(task_type: str) -> None:
     assert first._logic.actions and all(
         first._logic.actions[name] is action for name, action in second._logic.actions.items()
     )
+
+
+def test_a_reset_takes_over_only_the_state_its_own_load_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TextWorld's load builds a PddlState and its reset builds the same one again; _AlfredEngine.load hands the
+    # first to the second. Only there: the offer is used once, by a state of the same game, on the same thread.
+    from craft_bench.envs.alfworld_env import _FRESH_STATE, _STOCK, _AlfredEngine
+
+    engine = _AlfredEngine()
+    stock_class = _STOCK["pddl_state"]
+    stock_init = stock_class.__init__
+    built: list[str] = []
+
+    def counted(self: Any, *args: Any) -> None:
+        built.append(args[1])
+        stock_init(self, *args)
+
+    monkeypatch.setattr(stock_class, "__init__", counted)
+    game = str(alfworld_gen.cached_game("gen/valid/pick_and_place_simple-000000") / "game.tw-pddl")
+    engine.load(game)
+    assert len(built) == 1  # TextWorld as shipped builds two
+    assert getattr(_FRESH_STATE, "state", None) is None  # nothing stays on offer after the load
+    pddl_env = engine.env.unwrapped
+    args = (pddl_env.downward_lib, pddl_env._game_data["pddl_problem"], pddl_env._logic)
+    state_class = type(pddl_env._pddl_state)
+    offered = pddl_env._pddl_state
+    _FRESH_STATE.state = offered
+    try:
+        elsewhere: list[Any] = []
+        thread = threading.Thread(target=lambda: elsewhere.append(state_class(*args)))
+        thread.start()
+        thread.join()
+        assert elsewhere[0] is not offered  # another thread builds its own
+        assert state_class(args[0], args[1] + "\n", args[2]) is not offered  # another problem: built
+        assert state_class(*args) is offered  # this thread, this game: taken over, once
+        assert state_class(*args) is not offered
+    finally:
+        _FRESH_STATE.state = None
+    assert len(built) == 4
+
+
+def test_the_plain_and_optimized_hits_of_one_problem_share_one_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fast_downward.interface import pddl2sas
+
+    game = json.loads((alfworld_gen.cached_game("gen/valid/pick_cool_then_place_in_recep-000000") / "game.tw-pddl")
+                      .read_text())
+    domain, problem = game["pddl_domain"], game["pddl_problem"]
+    for optimize in (False, True):
+        sas_cache.translate(pddl2sas, domain, problem, optimize=optimize)  # both entries on disk
+    parses: list[str] = []
+    stock_parse = sas_cache.parse_task
+    monkeypatch.setattr(sas_cache, "parse_task", lambda d, p: parses.append(p) or stock_parse(d, p))
+    sas_cache.parsed_task.cache_clear()
+    plain = sas_cache.translate(pddl2sas, domain, problem)
+    optimized = sas_cache.translate(pddl2sas, domain, problem, optimize=True)
+    assert parses == [problem]
+    assert plain[0] is optimized[0]
+    assert plain[1] != optimized[1]
+    assert dumped(plain[0]) == dumped(pddl2sas(domain, problem, optimize=True)[0])
 
 
 def parsed_grammar(parsed: tuple[dict[str, Any], Any]) -> tuple[list[tuple[str, ...]], dict[str, str]]:
@@ -506,13 +575,24 @@ def test_the_load_benchmark_times_every_setting_and_restores_the_env() -> None:
     from craft_bench.bench import _alfworld as bench
     from craft_bench.envs import alfworld_env
 
-    stock_split = alfworld_env.split_task_rule
+    stock_split, stock_load, shared_parse = (alfworld_env.split_task_rule, alfworld_env._AlfredEngine.load,
+                                             sas_cache.parsed_task)
     lines = bench.load_rows(repeats=1, n_tasks=2)
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| setting")]
-    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [label for label, _, _ in bench.LOAD_SETTINGS]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [label for label, *_ in bench.LOAD_SETTINGS]
     assert rows[0].endswith("| 1.00x |")
     assert alfworld_env.split_task_rule is stock_split  # the "off" settings leave nothing patched behind
+    assert alfworld_env._AlfredEngine.load is stock_load and sas_cache.parsed_task is shared_parse
     assert sas_cache.SAS_CACHE_VARIABLE not in os.environ
+
+
+def test_the_single_turn_benchmark_times_resets_and_steps_on_the_runner() -> None:
+    from craft_bench.bench import _alfworld as bench
+
+    lines = bench.single_turn_rows(rounds=1, workers=1)
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| call")]
+    assert [row.split(" | ")[0] for row in rows] == ["| reset of 16 slots", "| one step of 16 slots"]
+    assert all(float(row.split(" | ")[1]) > 0 for row in rows)
 
 
 def test_official_game_with_goal_placeholder_gets_the_templated_goal(official_root: Path, tmp_path: Path) -> None:

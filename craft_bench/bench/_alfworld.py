@@ -3,8 +3,11 @@ privileged-plan steps with the cached plan versus a planner call on every step (
 
 All rows play the same generated games (`craft/ALFWorldGen-v0`, split `valid`, two tasks per type) with a seeded
 policy and time steps only (resets are timed apart: they load and translate a PDDL problem, a different cost).
-`--loads` times those loads instead: a game's first reset in a process, with and without the SAS disk cache and
-the game-grammar fast path (`envs/sas_cache.py`, `alfworld_env.split_task_rule`).
+`--loads` times those loads instead: a game's first reset in a process and a sibling's reset after it, with and
+without the SAS disk cache, the game-grammar fast path (`envs/sas_cache.py`, `alfworld_env.split_task_rule`), and
+the reset's hand-off of its load's state with one PDDL parse per problem (`alfworld_env._handing_off_state_class`,
+`sas_cache.parsed_task`). `--single-turn` times the group runner's resets and steps in `bench train`'s single-turn
+shape.
 """
 
 from __future__ import annotations
@@ -168,18 +171,29 @@ def alfworld_rows(n_steps: int, num_workers: int) -> list[dict[str, Any]]:
     return rows
 
 
-#: (label, SAS disk cache on, game grammar parsed once with a stand-in goal) of each `--loads` row.
+#: (label, SAS disk cache on, game grammar parsed once with a stand-in goal, a reset taking over its load's state and
+#: one PDDL parse per problem on disk-cache hits) of each `--loads` row.
 LOAD_SETTINGS = (
-    ("as before: translate, parse the whole grammar", False, False),
-    ("grammar fast path only", False, True),
-    ("SAS disk cache (warm) only", True, False),
-    ("both (the env as shipped)", True, True),
+    ("as before: translate, parse the whole grammar", False, False, False),
+    ("grammar fast path only", False, True, False),
+    ("SAS disk cache (warm) only", True, False, False),
+    ("both", True, True, False),
+    ("both + state hand-off + one parse (the env as shipped)", True, True, True),
 )
 
 
-def first_reset_seconds(task_ids: list[str], sas_disk_cache: bool, grammar_fast_path: bool) -> list[float]:
+def _load_then_reset(engine: Any, game: Any) -> str:
+    """_AlfredEngine.load without the hand-off: TextWorld's load and reset, each building the initial state."""
+    engine.env.load(game)
+    engine.state = engine.env.reset()
+    return str(engine.state["feedback"])
+
+
+def reset_seconds(task_ids: list[str], sas_disk_cache: bool, grammar_fast_path: bool,
+                  reuse: bool) -> tuple[list[float], list[float]]:
     """Seconds of each task's first reset in this process (fresh engine memos, so nothing is remembered in memory;
-    the disk cache, when on, holds every task's translations already)."""
+    the disk cache, when on, holds every task's translations already), and of a sibling's reset right after it (a
+    second env of the same process resetting the same game, as GRPO's group members do in one worker)."""
     import gymnasium as gym
 
     from craft_bench.envs import alfworld_env, sas_cache
@@ -190,13 +204,17 @@ def first_reset_seconds(task_ids: list[str], sas_disk_cache: bool, grammar_fast_
         stack.enter_context(mock.patch.dict(os.environ, {sas_cache.SAS_CACHE_VARIABLE: "1" if sas_disk_cache else "0"}))
         if not grammar_fast_path:  # the memo then parses each game's grammar whole
             stack.enter_context(mock.patch.object(alfworld_env, "split_task_rule", lambda text: None))
-        env = stack.enter_context(contextlib.closing(gym.make(ENV_ID, **ENV_KWARGS)))
-        seconds = []
+        if not reuse:
+            stack.enter_context(mock.patch.object(alfworld_env._AlfredEngine, "load", _load_then_reset))
+            stack.enter_context(mock.patch.object(sas_cache, "parsed_task", sas_cache.parse_task))
+        env, sibling = (stack.enter_context(contextlib.closing(gym.make(ENV_ID, **ENV_KWARGS))) for _ in range(2))
+        first, second = [], []
         for task in task_ids:
-            tick = time.perf_counter()
-            env.reset(seed=0, options={"task_id": task})
-            seconds.append(time.perf_counter() - tick)
-        return seconds
+            for which, seconds in ((env, first), (sibling, second)):
+                tick = time.perf_counter()
+                which.reset(seed=0, options={"task_id": task})
+                seconds.append(time.perf_counter() - tick)
+        return first, second
 
 
 def hit_against_translation_rows(task_ids: list[str]) -> list[str]:
@@ -226,35 +244,77 @@ def hit_against_translation_rows(task_ids: list[str]) -> list[str]:
 
 
 def load_rows(repeats: int, n_tasks: int | None = None) -> list[str]:
-    """A markdown table: median first reset of the `valid` tasks (the first `n_tasks`, default all) per setting, the
-    settings interleaved per repeat."""
+    """A markdown table: median first reset of the `valid` tasks (the first `n_tasks`, default all) and of a sibling
+    right after, per setting, the settings interleaved per repeat."""
     from craft_bench.envs import alfworld_gen
 
     tasks = _tasks()[:n_tasks]
     for task in tasks:
         alfworld_gen.cached_game(task)  # generated (or checked) before anything is timed
     # Untimed: imports, TextWorld's grammar templates, and the disk cache filled for the "warm" rows.
-    first_reset_seconds(tasks, True, True)
-    seconds: dict[str, list[float]] = {label: [] for label, _, _ in LOAD_SETTINGS}
+    reset_seconds(tasks, True, True, True)
+    first: dict[str, list[float]] = {label: [] for label, *_ in LOAD_SETTINGS}
+    sibling: dict[str, list[float]] = {label: [] for label, *_ in LOAD_SETTINGS}
     for _ in range(repeats):
-        for label, disk, grammar in LOAD_SETTINGS:
-            seconds[label] += first_reset_seconds(tasks, disk, grammar)
-    before = statistics.median(seconds[LOAD_SETTINGS[0][0]])
-    lines = [f"first reset of a game in a process ({len(tasks)} tasks of {ENV_ID} {ENV_KWARGS['split']}, "
-             f"{repeats} repeat(s), settings interleaved):", "",
-             "| setting | median ms | mean ms | speed-up |", "|---|---|---|---|"]
-    for label, _, _ in LOAD_SETTINGS:
-        median = statistics.median(seconds[label])
-        lines.append(f"| {label} | {1000 * median:.0f} | {1000 * statistics.mean(seconds[label]):.0f} | "
-                     f"{before / median:.2f}x |")
+        for label, *setting in LOAD_SETTINGS:
+            timed = reset_seconds(tasks, *setting)
+            first[label] += timed[0]
+            sibling[label] += timed[1]
+    before = (statistics.median(first[LOAD_SETTINGS[0][0]]), statistics.median(sibling[LOAD_SETTINGS[0][0]]))
+    lines = [f"a game's first reset in a process, then a sibling's reset of it ({len(tasks)} tasks of {ENV_ID} "
+             f"{ENV_KWARGS['split']}, {repeats} repeat(s), settings interleaved):", "",
+             "| setting | first reset median ms | mean ms | speed-up | sibling reset median ms | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for label, *_ in LOAD_SETTINGS:
+        median, sibling_median = statistics.median(first[label]), statistics.median(sibling[label])
+        lines.append(f"| {label} | {1000 * median:.0f} | {1000 * statistics.mean(first[label]):.0f} | "
+                     f"{before[0] / median:.2f}x | {1000 * sibling_median:.1f} | {before[1] / sibling_median:.2f}x |")
     return lines
+
+
+def single_turn_rows(rounds: int, workers: int, on_plan: float = 0.3, seed: int = 0) -> list[str]:
+    """A markdown table: the env work of single-turn GRPO steps on the group runner (`bench train`'s TRL comparison
+    shape: 4 `train` tasks x 4 siblings reset, then one step each), medians over `rounds` rounds after 2 warm-up
+    rounds. A share `on_plan` of the actions is the expert's next action, the rest a random admissible one."""
+    import random
+
+    import gymnasium as gym
+
+    from craft_bench.envs.group_runner import GroupRunner
+
+    runner = GroupRunner(ENV_ID, {"split": "train", "max_steps": 1}, num_workers=workers)
+    ids = gym.make(ENV_ID, split="train").unwrapped.task_ids
+    rng = random.Random(seed)
+    resets, steps = [], []
+    try:
+        for round_ in range(rounds + 2):
+            tick = time.perf_counter()
+            _, infos = runner.reset(rng.sample(ids, 4), 4, seed=round_)
+            resets.append(time.perf_counter() - tick)
+            actions = [(info["privileged"]["expert_plan"] or ["look"])[0] if rng.random() < on_plan
+                       else rng.choice(info["admissible_actions"]) for info in infos]
+            tick = time.perf_counter()
+            runner.step(actions)
+            steps.append(time.perf_counter() - tick)
+    finally:
+        runner.close()
+    return [f"single-turn env work on the group runner ({workers} worker(s), 4 tasks x 4 siblings, {rounds} rounds "
+            f"after 2 warm-up rounds, {on_plan:.0%} of actions the expert's):", "",
+            "| call | median ms | range ms |", "|---|---|---|",
+            *(f"| {label} | {1000 * statistics.median(seconds[2:]):.0f} | "
+              f"{1000 * min(seconds[2:]):.0f}-{1000 * max(seconds[2:]):.0f} |"
+              for label, seconds in (("reset of 16 slots", resets), ("one step of 16 slots", steps)))]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m craft_bench.bench._alfworld", description=__doc__)
     parser.add_argument("--steps", type=int, default=500, help="environment steps per measurement")
     parser.add_argument("--loads", action="store_true",
-                        help="time games' first resets (disk cache and grammar fast path on and off) instead of steps")
+                        help="time games' first and sibling resets (each load speed-up on and off) instead of steps")
+    parser.add_argument("--single-turn", action="store_true",
+                        help="time the group runner's resets and steps of single-turn GRPO steps instead of steps")
+    parser.add_argument("--workers", type=int, default=2, help="--single-turn: env worker processes")
+    parser.add_argument("--rounds", type=int, default=10, help="--single-turn: timed rounds")
     parser.add_argument("--repeats", type=int, default=2, help="--loads: passes over the tasks per setting")
     parser.add_argument("--tasks", type=int, default=None, help="--loads: only the first N tasks (default: all 12)")
     args = parser.parse_args(argv)
@@ -262,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(load_rows(args.repeats, args.tasks)))
         print()
         print("\n".join(hit_against_translation_rows(_tasks()[:args.tasks])))
+        return
+    if args.single_turn:
+        print("\n".join(single_turn_rows(args.rounds, args.workers)))
         return
     rows = alfworld_rows(args.steps, 1)
     width = max(len(r["setting"]) for r in rows)
