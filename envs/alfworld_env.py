@@ -91,6 +91,9 @@ def install_engine_memos() -> None:
     reads such as `{o.name}`; `Variable`s are immutable), so new dicts holding the same values give the same text;
     the stock version's deep copies were most of what was left of a step (docs/benchmarks.md).
 
+    `textgen.deepcopy`, with which TextWorld copies a rule's symbols before deriving them, and the template memo's
+    copies go through `copy_symbols`, a deep copy specialised to parsed symbols.
+
     A sixth lets a reset take over the state its load has just built (`_handing_off_state_class`): TextWorld's
     `load` builds a `PddlState` to read the game's entities, and the `reset` that follows builds the same state again.
     """
@@ -107,6 +110,7 @@ def install_engine_memos() -> None:
     stock_game_grammar = _STOCK["game_grammar"] = pddl_logic._parse_and_convert
     _STOCK["copy_context"] = textgen.copy_context
     _STOCK["pddl_state"] = pddl_logic.PddlState
+    _STOCK["deepcopy"] = textgen.deepcopy
     templates: dict[Any, Any] = {}
     queries: dict[str, Any] = {}
     translations: OrderedDict[Any, Any] = OrderedDict()
@@ -121,7 +125,7 @@ def install_engine_memos() -> None:
         key = (args, tuple(sorted(kwargs.items())))
         if key not in templates:
             templates[key] = stock_template(*args, **kwargs)
-        return copy.deepcopy(templates[key])
+        return copy_symbols(templates[key])
 
     def parse_query(cls: Any, expression: str) -> Any:
         if expression not in queries:
@@ -150,6 +154,7 @@ def install_engine_memos() -> None:
     pddl_logic._parse_and_convert = parse_game_grammar
     textgen.copy_context = copy_context_dicts
     pddl_logic.PddlState = _handing_off_state_class(pddl_logic.PddlState)
+    textgen.deepcopy = copy_symbols
 
 
 #: The goal rule ALFWorld's grammar holds (`add_task_to_grammar` writes the goal into it): a JSON rule with an rhs
@@ -188,6 +193,41 @@ def with_task_rule(grammar: Any, task_literal: str) -> Any:
     return swapped
 
 
+def copy_symbols(value: Any) -> Any:
+    """`copy.deepcopy` of TextWorld's parsed text-grammar symbols (lists of `textgen.Symbol`s), without its
+    per-object dispatch and memo: new lists and symbols, strings and None shared (immutable), empty context dicts
+    new. Anything else (a non-empty context, an attribute of another type) goes to `copy.deepcopy`.
+
+    The one difference from `deepcopy` is that symbols which shared one empty context dict (the parser leaves every
+    symbol on `Symbol.__init__`'s default `{}`) get one new dict each instead of one new dict between them. TextWorld
+    only ever rebinds a symbol's context and never writes into one, so nothing can tell (tests/test_alfworld.py plays
+    every task type both ways). Derivations copy symbols tens of times a step, and `deepcopy` was about a fifth of an
+    ALFWorld step (docs/benchmarks.md).
+    """
+    if type(value) is list:
+        return [copy_symbols(item) for item in value]
+    if not isinstance(value, _symbol_class()):
+        return copy.deepcopy(value)
+    fields = {}
+    for name, field in value.__dict__.items():
+        if field is None or type(field) is str:
+            fields[name] = field
+        elif type(field) is dict and not field:
+            fields[name] = {}
+        else:
+            fields[name] = copy_symbols(field)
+    duplicate = object.__new__(type(value))
+    duplicate.__dict__.update(fields)
+    return duplicate
+
+
+@functools.lru_cache(maxsize=1)
+def _symbol_class() -> type:
+    from textworld.envs.pddl.textgen import Symbol
+
+    return Symbol
+
+
 def copy_context_dicts(context: dict[str, Any]) -> dict[str, Any]:
     """TextWorld's `textgen.copy_context` without its deep copies: new `variables` and `mapping` dicts holding the
     same values, the state, facts and entity infos shared (as the stock version shares them)."""
@@ -214,6 +254,7 @@ def uninstall_engine_memos() -> None:
         pddl_logic._parse_and_convert = _STOCK.pop("game_grammar")
         textgen.copy_context = _STOCK.pop("copy_context")
         pddl_logic.PddlState = _STOCK.pop("pddl_state")
+        textgen.deepcopy = _STOCK.pop("deepcopy")
 
 
 #: The state a load has just built, offered to the reset that follows it on this thread (_AlfredEngine.load).

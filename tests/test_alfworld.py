@@ -427,6 +427,41 @@ def test_the_plain_and_optimized_hits_of_one_problem_share_one_parse(monkeypatch
     assert dumped(plain[0]) == dumped(pddl2sas(domain, problem, optimize=True)[0])
 
 
+def test_copy_symbols_is_a_deep_copy_of_parsed_symbols() -> None:
+    # TextWorld copies a rule's symbols before deriving them into it: the specialised copy must give what deepcopy
+    # gives, share no list or symbol with the original, and leave anything it was not written for to deepcopy.
+    import copy
+
+    from textworld.envs.pddl.textgen import EvalSymbol, ListSymbol, Symbol
+
+    from craft_bench.envs.alfworld_env import _STOCK, copy_symbols, install_engine_memos
+
+    install_engine_memos()
+    text = (alfworld_gen.cached_game("gen/valid/pick_two_obj_and_place-000000") / "game.tw-pddl").read_text()
+    actions, grammar = _STOCK["game_grammar"](json.loads(text)["grammar"], rule_name="pddlStart")
+    rhs = [rule.rhs for rules in grammar._rules.values() for rule in rules]
+    # ...and what derivation parses: the actions' command templates and feedback rules, and the intro.
+    rhs += [_STOCK["template"](start, rule_name="symbols") for action in actions.values()
+            for start in (action.template, action.feedback_rule)] + [_STOCK["template"]("#intro#", rule_name="symbols")]
+    assert len(rhs) > 50 and any(isinstance(p, ListSymbol) for symbols in rhs for p in symbols)
+
+    def parts(value: Any) -> list[Any]:
+        if isinstance(value, list):
+            return [value, *(p for item in value for p in parts(item))]
+        if isinstance(value, Symbol):
+            return [value, value.context, *(p for field in vars(value).values() for p in parts(field))]
+        return []
+
+    for symbols in rhs:
+        copied = copy_symbols(symbols)
+        assert repr(copied) == repr(copy.deepcopy(symbols))
+        assert [type(p) for p in parts(copied)] == [type(p) for p in parts(symbols)]
+        assert not {id(p) for p in parts(copied)} & {id(p) for p in parts(symbols)}
+    with_context = EvalSymbol("o.name", {"variables": {"o": "apple"}})
+    copied = copy_symbols([with_context])[0]
+    assert copied.context == with_context.context and copied.context["variables"] is not with_context.context["variables"]
+
+
 def parsed_grammar(parsed: tuple[dict[str, Any], Any]) -> tuple[list[tuple[str, ...]], dict[str, str]]:
     """A parsed game grammar as comparable text: its actions' fields and every rule of every symbol."""
     actions, grammar = parsed
@@ -584,6 +619,18 @@ def test_the_load_benchmark_times_every_setting_and_restores_the_env() -> None:
     assert alfworld_env.split_task_rule is stock_split  # the "off" settings leave nothing patched behind
     assert alfworld_env._AlfredEngine.load is stock_load and sas_cache.parsed_task is shared_parse
     assert sas_cache.SAS_CACHE_VARIABLE not in os.environ
+
+
+def test_the_step_benchmark_times_each_copy_change_alone_and_restores_it() -> None:
+    from textworld.envs.pddl import textgen
+
+    from craft_bench.bench import _alfworld as bench
+    from craft_bench.envs import alfworld_env
+
+    for setting in ({"deep_context_copy": True}, {"deepcopy_symbols": True}, {}):
+        assert bench.raw_engine_steps(5, **setting)["steps"] == 5
+        assert textgen.copy_context is alfworld_env.copy_context_dicts
+        assert textgen.deepcopy is alfworld_env.copy_symbols  # the env's own copy is back in place
 
 
 def test_the_single_turn_benchmark_times_resets_and_steps_on_the_runner() -> None:

@@ -39,22 +39,26 @@ def _random_choice(options: list[str], rng: np.random.Generator) -> str:
     return options[int(rng.integers(len(options)))] if options else "look"
 
 
-def raw_engine_steps(n_steps: int, seed: int = 0, memo: bool = True, deep_context_copy: bool = False) -> dict[str, float]:
+def raw_engine_steps(n_steps: int, seed: int = 0, memo: bool = True, deep_context_copy: bool = False,
+                     deepcopy_symbols: bool = False) -> dict[str, float]:
     """ALFWorld's engine as ALFWorld builds it (PddlEnv + AlfredDemangler + AlfredInfos, same infos as the env),
-    driven by the random policy; `memo` chooses whether TextWorld's parsers are memoised as in the env, and
-    `deep_context_copy` puts TextWorld's own `textgen.copy_context` back under the memos (to time that one change)."""
+    driven by the random policy; `memo` chooses whether TextWorld's parsers are memoised as in the env,
+    `deep_context_copy` puts TextWorld's own `textgen.copy_context` back under the memos, and `deepcopy_symbols`
+    `copy.deepcopy` in place of `alfworld_env.copy_symbols` (to time each of those changes alone)."""
+    import copy
+
     from textworld.envs.pddl import textgen
 
     from craft_bench.envs import alfworld_env
 
     (alfworld_env.install_engine_memos if memo else alfworld_env.uninstall_engine_memos)()
-    if memo and deep_context_copy:
-        textgen.copy_context = alfworld_env._STOCK["copy_context"]
-    try:
+    with contextlib.ExitStack() as stack:
+        if memo and deep_context_copy:
+            stack.enter_context(mock.patch.object(textgen, "copy_context", alfworld_env._STOCK["copy_context"]))
+        if memo and deepcopy_symbols:
+            stack.enter_context(mock.patch.object(textgen, "deepcopy", copy.deepcopy))
+            stack.enter_context(mock.patch.object(alfworld_env, "copy_symbols", copy.deepcopy))
         return _play_raw_engine(n_steps, seed)
-    finally:
-        if memo:
-            textgen.copy_context = alfworld_env.copy_context_dicts
 
 
 def _play_raw_engine(n_steps: int, seed: int) -> dict[str, float]:
@@ -157,6 +161,8 @@ def alfworld_rows(n_steps: int, num_workers: int) -> list[dict[str, Any]]:
         _row("raw engine, textworld as shipped", raw_engine_steps(n_steps, memo=False), "random policy, no engine memos"),
         _row("raw engine, memos, TextWorld's deep context copies", raw_engine_steps(n_steps, deep_context_copy=True),
              "random policy, engine memos on but textgen.copy_context as shipped"),
+        _row("raw engine, memos, deepcopy for symbols", raw_engine_steps(n_steps, deepcopy_symbols=True),
+             "random policy, engine memos on but symbols copied by copy.deepcopy, as shipped"),
         _row("raw engine", raw_engine_steps(n_steps, memo=True), "random policy, engine memos on as in the env"),
     ]
     for policy in ("random", "on_plan"):
