@@ -4,16 +4,20 @@ process or run, skip the translation (`python -m craft_bench.bench._alfworld --l
 Every ALFWorld load and reset builds TextWorld `PddlState`s, and each one translates its problem twice with
 `fast_downward.pddl2sas` (once plain, once with `optimize=True` for replanning). The translation is a pure function
 of (domain, problem, optimize) and Fast Downward's version, and its SAS text is deterministic, so it can be stored:
-an entry is the gzipped SAS text after a header that holds the text's sha256, named by the sha256 of its inputs. A
+an entry is the gzipped SAS text after a header that holds its key (the sha256 of its inputs, which also names its
+file) and the text's sha256. A
 hit parses the PDDL again into Fast Downward's task object (a median of 4.5-6.7 ms per problem against 88 ms for
 the translation, `--loads`; the task is the same as the one a full translation returns, which tests/test_alfworld.py
-checks) and reads the SAS text. An entry whose text fails its sha256 (truncated, corrupted, edited) is translated
-again and rewritten, so damaged SAS text never reaches Fast Downward's C++ loader.
+checks) and reads the SAS text. An entry whose text fails its sha256 (truncated, corrupted, edited), or whose
+header names another key (an entry copied or renamed onto another one's file), is translated again and rewritten,
+so neither damaged nor another problem's SAS text ever reaches Fast Downward's C++ loader. Writes are atomic; a
+temporary file that a killed writer left behind is deleted by a later write to its directory once it is an hour old.
 
 Entries are single files with their own check rather than `envs/cache.py`'s verified directories (a manifest and a
 lock per entry), because a load reads two of them on the reset path. They live under
-`$CRAFT_BENCH_HOME/alfworld-sas/v1/` (4.4 KB each on average over 1,002 ALFWorldGen entries, two
-per game); `CRAFT_BENCH_SAS_CACHE=0` turns the cache off, and deleting the directory clears it.
+`$CRAFT_BENCH_HOME/alfworld-sas/v2/` (4.4 KB each on average over 1,002 ALFWorldGen entries, two
+per game); `CRAFT_BENCH_SAS_CACHE=0` turns the cache off, and deleting the directory clears it. Entries of
+`alfworld-sas/v1/` (before the key was in the header) are not read; that directory can be deleted.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import io
 import os
 import sys
 import tempfile
+import time
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -35,8 +40,11 @@ from craft_bench.envs.cache import home
 
 #: The environment variable that turns the disk cache off when set to "0" (the in-process memo stays).
 SAS_CACHE_VARIABLE = "CRAFT_BENCH_SAS_CACHE"
-FORMAT_VERSION = "v1"
-_HEADER_PREFIX = b"craft-bench sas v1 sha256="
+FORMAT_VERSION = "v2"
+#: Age in seconds after which a writer's temporary file is taken for the leftover of a killed process (a write takes
+#: milliseconds).
+STALE_TEMPORARY_S = 3600.0
+_HEADER_PREFIX = b"craft-bench sas v2 key="
 
 
 def enabled() -> bool:
@@ -64,22 +72,24 @@ def entry_path(key: str) -> Path:
     return home() / "alfworld-sas" / FORMAT_VERSION / key[:2] / f"{key}.sas.gz"
 
 
-def encode_entry(sas: str) -> bytes:
+def _header(key: str, body: bytes) -> bytes:
+    return _HEADER_PREFIX + key.encode("ascii") + b" sha256=" + hashlib.sha256(body).hexdigest().encode("ascii")
+
+
+def encode_entry(key: str, sas: str) -> bytes:
     body = sas.encode("utf-8")
-    return gzip.compress(_HEADER_PREFIX + hashlib.sha256(body).hexdigest().encode("ascii") + b"\n" + body,
-                         compresslevel=6, mtime=0)
+    return gzip.compress(_header(key, body) + b"\n" + body, compresslevel=6, mtime=0)
 
 
-def decode_entry(data: bytes) -> str | None:
-    """The SAS text of an entry's bytes, or None when they fail gzip's CRC or the header's sha256."""
+def decode_entry(data: bytes, key: str) -> str | None:
+    """The SAS text of the entry `key`'s bytes, or None when they fail gzip's CRC, name another key in their
+    header, or fail the header's sha256."""
     try:
         raw = gzip.decompress(data)
     except (OSError, EOFError, zlib.error):
         return None
     header, newline, body = raw.partition(b"\n")
-    if not newline or not header.startswith(_HEADER_PREFIX):
-        return None
-    if hashlib.sha256(body).hexdigest().encode("ascii") != header[len(_HEADER_PREFIX):]:
+    if not newline or header != _header(key, body):
         return None
     try:
         return body.decode("utf-8")
@@ -92,7 +102,7 @@ def read_entry(key: str) -> str | None:
         data = entry_path(key).read_bytes()
     except OSError:
         return None
-    return decode_entry(data)
+    return decode_entry(data, key)
 
 
 def write_entry(key: str, sas: str) -> None:
@@ -106,11 +116,22 @@ def write_entry(key: str, sas: str) -> None:
         return
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            handle.write(encode_entry(sas))
+            handle.write(encode_entry(key, sas))
         os.replace(temporary, path)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+    remove_stale_temporaries(path.parent)
+
+
+def remove_stale_temporaries(directory: Path, older_than_s: float = STALE_TEMPORARY_S) -> None:
+    """Delete the temporary files (`.<key prefix>-*`) that writers killed before their rename left in `directory`,
+    once they are older than any write takes, so that a live writer's file is never touched."""
+    now = time.time()
+    for leftover in directory.glob(".*-*"):
+        with contextlib.suppress(OSError):
+            if now - leftover.stat().st_mtime > older_than_s:
+                leftover.unlink()
 
 
 @lru_cache(maxsize=1)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -580,6 +581,52 @@ def test_a_damaged_entry_is_translated_again_and_rewritten(damage) -> None:
     assert sas_cache.translate(stock, domain, problem)[1] == sas
     assert calls == [1]  # translated again...
     assert path.read_bytes() == good  # ...and the entry rewritten
+
+
+def test_an_entry_on_another_keys_file_is_not_read_but_translated_again() -> None:
+    # Each entry's header names its key: another problem's entry copied onto this one's file (its own text intact,
+    # so its sha256 passes) must not feed this problem another game's SAS text.
+    from fast_downward.interface import pddl2sas
+
+    games = [json.loads((alfworld_gen.cached_game(f"gen/valid/{task}") / "game.tw-pddl").read_text())
+             for task in ("pick_and_place_simple-000000", "pick_and_place_simple-000001")]
+    (domain, problem), (_, other_problem) = ((g["pddl_domain"], g["pddl_problem"]) for g in games)
+    calls = []
+
+    def stock(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return pddl2sas(*args, **kwargs)
+
+    _, sas = sas_cache.translate(stock, domain, problem)
+    _, other_sas = sas_cache.translate(stock, domain, other_problem)
+    assert sas != other_sas
+    path, other_path = (sas_cache.entry_path(sas_cache.entry_key(domain, p, False)) for p in (problem, other_problem))
+    good = path.read_bytes()
+    path.write_bytes(other_path.read_bytes())
+    assert sas_cache.read_entry(sas_cache.entry_key(domain, other_problem, False)) == other_sas
+    assert sas_cache.read_entry(sas_cache.entry_key(domain, problem, False)) is None
+    calls.clear()
+    assert sas_cache.translate(stock, domain, problem)[1] == sas
+    assert calls == [1]
+    assert path.read_bytes() == good
+
+
+def test_a_write_removes_temporary_files_that_killed_writers_left_but_not_live_ones() -> None:
+    from fast_downward.interface import pddl2sas
+
+    game = json.loads((alfworld_gen.cached_game("gen/valid/pick_heat_then_place_in_recep-000000") / "game.tw-pddl")
+                      .read_text())
+    path = sas_cache.entry_path(sas_cache.entry_key(game["pddl_domain"], game["pddl_problem"], False))
+    path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stale, live = path.parent / ".0123456789abcdef-stale", path.parent / ".fedcba9876543210-live"
+    for leftover in (stale, live):
+        leftover.write_bytes(b"half an entry")
+    old = time.time() - sas_cache.STALE_TEMPORARY_S - 60
+    os.utime(stale, (old, old))
+    sas_cache.translate(pddl2sas, game["pddl_domain"], game["pddl_problem"])  # a miss: writes the entry
+    assert path.is_file() and not stale.exists() and live.exists()
+    live.unlink()
 
 
 def test_the_disk_cache_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
