@@ -66,6 +66,7 @@ def _remember(memo: OrderedDict[Any, Any], key: Any, compute: Any, size: int, lo
 
 
 _STOCK: dict[str, Any] = {}
+_INSTALL_LOCK = threading.Lock()
 #: Games kept by the translation and grammar memos: a reset translates its problem twice (load and reset build a
 #: PddlState each) and parses its grammar once, and GRPO siblings and later epochs reset the same games again.
 TRANSLATION_MEMO_SIZE = 64
@@ -97,13 +98,17 @@ def install_engine_memos() -> None:
     A sixth lets a reset take over the state its load has just built (`_handing_off_state_class`): TextWorld's
     `load` builds a `PddlState` to read the game's entities, and the `reset` that follows builds the same state again.
     """
+    with _INSTALL_LOCK:  # two envs built at once on two threads must not both wrap TextWorld's functions
+        if not _STOCK:
+            _install_engine_memos()
+
+
+def _install_engine_memos() -> None:
     import fast_downward
     import textworld.envs.pddl.logic as pddl_logic
     import textworld.envs.pddl.textgen as textgen
     from textworld.logic import Rule
 
-    if _STOCK:
-        return
     stock_template = _STOCK["template"] = textgen._parse_and_convert
     stock_query = _STOCK["query"] = Rule.__dict__["parse_conjunctive_query"]
     stock_translate = _STOCK["translate"] = fast_downward.pddl2sas
@@ -201,8 +206,8 @@ def copy_symbols(value: Any) -> Any:
     The one difference from `deepcopy` is that symbols which shared one empty context dict (the parser leaves every
     symbol on `Symbol.__init__`'s default `{}`) get one new dict each instead of one new dict between them. TextWorld
     only ever rebinds a symbol's context and never writes into one, so nothing can tell (tests/test_alfworld.py plays
-    every task type both ways). Derivations copy symbols tens of times a step, and `deepcopy` was about a fifth of an
-    ALFWorld step (docs/benchmarks.md).
+    every task type both ways). Derivations copy symbols tens of times a step: with `deepcopy` the raw engine stepped
+    299 times a second against 533 with this copy (docs/benchmarks.md).
     """
     if type(value) is list:
         return [copy_symbols(item) for item in value]
@@ -247,14 +252,16 @@ def uninstall_engine_memos() -> None:
     import textworld.envs.pddl.textgen as textgen
     from textworld.logic import Rule
 
-    if _STOCK:
-        textgen._parse_and_convert = _STOCK.pop("template")
-        Rule.parse_conjunctive_query = _STOCK.pop("query")
-        fast_downward.pddl2sas = _STOCK.pop("translate")
-        pddl_logic._parse_and_convert = _STOCK.pop("game_grammar")
-        textgen.copy_context = _STOCK.pop("copy_context")
-        pddl_logic.PddlState = _STOCK.pop("pddl_state")
-        textgen.deepcopy = _STOCK.pop("deepcopy")
+    with _INSTALL_LOCK:
+        if _STOCK:
+            textgen._parse_and_convert = _STOCK.pop("template")
+            Rule.parse_conjunctive_query = _STOCK.pop("query")
+            fast_downward.pddl2sas = _STOCK.pop("translate")
+            pddl_logic._parse_and_convert = _STOCK.pop("game_grammar")
+            textgen.copy_context = _STOCK.pop("copy_context")
+            pddl_logic.PddlState = _STOCK.pop("pddl_state")
+            textgen.deepcopy = _STOCK.pop("deepcopy")
+        sas_cache.parsed_task.cache_clear()  # fresh memos share no parse with earlier ones
 
 
 #: The state a load has just built, offered to the reset that follows it on this thread (_AlfredEngine.load).
@@ -262,15 +269,17 @@ _FRESH_STATE = threading.local()
 
 
 def _handing_off_state_class(stock: type) -> type:
-    """TextWorld's `PddlState` class, except that building a state equal to the one on offer in `_FRESH_STATE`
-    returns that one, unbuilt again.
+    """A stand-in for TextWorld's `PddlState` class: building a state equal to the one on offer in `_FRESH_STATE`
+    returns that one as it is; building any other returns a new stock `PddlState`.
 
     A state is a function of (Fast Downward library, problem, game logic): TextWorld's `load` builds one to read the
     game's entities, then `reset` builds the same one again, loading the same SAS text into the same library copy
     and adding the same facts. Nothing acts on the game in between, so the first one is still the initial state
-    (tests/test_alfworld.py plays games both ways). Taking it over skips about a fifth of a sibling's reset
+    (tests/test_alfworld.py plays games both ways). Taking it over skips about a quarter of a sibling's reset
     (docs/benchmarks.md). The offer is thread-local, so a reset on a background thread (TrainConfig.reset_ahead)
-    never takes another thread's state, and used once.
+    never takes another thread's state, and used once. States stay instances of the stock class (copied and
+    pickled as before): Python runs no `__init__` on what `__new__` returns when it is not an instance of this
+    subclass.
     """
 
     class HandingOffPddlState(stock):  # type: ignore[misc, valid-type]
@@ -279,16 +288,9 @@ def _handing_off_state_class(stock: type) -> type:
             if (fresh is not None and fresh.downward_lib is downward_lib and fresh._logic is logic
                     and fresh.pddl_problem == pddl_problem):
                 _FRESH_STATE.state = None
-                fresh._handed_off = True  # tells __init__, which Python calls next, to leave it as it is
                 return fresh
-            return super().__new__(cls)
+            return stock(downward_lib, pddl_problem, logic)
 
-        def __init__(self, downward_lib: Any, pddl_problem: str, logic: Any) -> None:
-            if self.__dict__.pop("_handed_off", False):
-                return
-            super().__init__(downward_lib, pddl_problem, logic)
-
-    HandingOffPddlState.__name__ = HandingOffPddlState.__qualname__ = stock.__name__
     return HandingOffPddlState
 
 
@@ -311,8 +313,8 @@ class _AlfredEngine:
 
     def load(self, game: str | dict[str, Any]) -> str:
         self.env.load(game)
-        _FRESH_STATE.state = self.env.unwrapped._pddl_state  # the initial state: reset may take it over
         try:
+            _FRESH_STATE.state = self.env.unwrapped._pddl_state  # the initial state: reset may take it over
             self.state = self.env.reset()
         finally:
             _FRESH_STATE.state = None

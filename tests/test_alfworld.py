@@ -373,10 +373,13 @@ def test_engine_memos_change_no_output(task_type: str) -> None:
 def test_a_reset_takes_over_only_the_state_its_own_load_built(monkeypatch: pytest.MonkeyPatch) -> None:
     # TextWorld's load builds a PddlState and its reset builds the same one again; _AlfredEngine.load hands the
     # first to the second. Only there: the offer is used once, by a state of the same game, on the same thread.
+    import textworld.envs.pddl.logic as pddl_logic
+
     from craft_bench.envs.alfworld_env import _FRESH_STATE, _STOCK, _AlfredEngine
 
     engine = _AlfredEngine()
-    stock_class = _STOCK["pddl_state"]
+    game = str(alfworld_gen.cached_game("gen/valid/pick_and_place_simple-000000") / "game.tw-pddl")  # built first:
+    stock_class = _STOCK["pddl_state"]  # generating a game builds states of its own
     stock_init = stock_class.__init__
     built: list[str] = []
 
@@ -385,27 +388,34 @@ def test_a_reset_takes_over_only_the_state_its_own_load_built(monkeypatch: pytes
         stock_init(self, *args)
 
     monkeypatch.setattr(stock_class, "__init__", counted)
-    game = str(alfworld_gen.cached_game("gen/valid/pick_and_place_simple-000000") / "game.tw-pddl")
     engine.load(game)
     assert len(built) == 1  # TextWorld as shipped builds two
     assert getattr(_FRESH_STATE, "state", None) is None  # nothing stays on offer after the load
     pddl_env = engine.env.unwrapped
+    assert type(pddl_env._pddl_state) is stock_class  # states stay TextWorld's own (copied and pickled as before)
     args = (pddl_env.downward_lib, pddl_env._game_data["pddl_problem"], pddl_env._logic)
-    state_class = type(pddl_env._pddl_state)
     offered = pddl_env._pddl_state
     _FRESH_STATE.state = offered
     try:
         elsewhere: list[Any] = []
-        thread = threading.Thread(target=lambda: elsewhere.append(state_class(*args)))
+        thread = threading.Thread(target=lambda: elsewhere.append(pddl_logic.PddlState(*args)))
         thread.start()
         thread.join()
         assert elsewhere[0] is not offered  # another thread builds its own
-        assert state_class(args[0], args[1] + "\n", args[2]) is not offered  # another problem: built
-        assert state_class(*args) is offered  # this thread, this game: taken over, once
-        assert state_class(*args) is not offered
+        assert pddl_logic.PddlState(args[0], args[1] + "\n", args[2]) is not offered  # another problem: built
+        assert pddl_logic.PddlState(*args) is offered  # this thread, this game: taken over, once
+        assert pddl_logic.PddlState(*args) is not offered
     finally:
         _FRESH_STATE.state = None
     assert len(built) == 4
+
+    def failing_reset() -> Any:
+        raise RuntimeError("reset failed")
+
+    monkeypatch.setattr(engine.env, "reset", failing_reset)
+    with pytest.raises(RuntimeError, match="reset failed"):
+        engine.load(game)
+    assert getattr(_FRESH_STATE, "state", None) is None  # a failed reset leaves nothing on offer
 
 
 def test_the_plain_and_optimized_hits_of_one_problem_share_one_parse(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -281,21 +281,29 @@ def load_rows(repeats: int, n_tasks: int | None = None) -> list[str]:
 def single_turn_rows(rounds: int, workers: int, on_plan: float = 0.3, seed: int = 0) -> list[str]:
     """A markdown table: the env work of single-turn GRPO steps on the group runner (`bench train`'s TRL comparison
     shape: 4 `train` tasks x 4 siblings reset, then one step each), medians over `rounds` rounds after 2 warm-up
-    rounds. A share `on_plan` of the actions is the expert's next action, the rest a random admissible one."""
+    rounds. A share `on_plan` of the actions is the expert's next action, the rest a random admissible one. The
+    games are generated before the timing, so resets are timed with the game cache warm (their translations are
+    on disk only if an earlier run loaded them)."""
     import random
 
     import gymnasium as gym
 
     from craft_bench.envs.group_runner import GroupRunner
 
-    runner = GroupRunner(ENV_ID, {"split": "train", "max_steps": 1}, num_workers=workers)
-    ids = gym.make(ENV_ID, split="train").unwrapped.task_ids
+    from craft_bench.envs import alfworld_gen
+
+    with contextlib.closing(gym.make(ENV_ID, split="train")) as env:
+        ids = env.unwrapped.task_ids
     rng = random.Random(seed)
+    tasks = [rng.sample(ids, 4) for _ in range(rounds + 2)]
+    for task in {task for round_tasks in tasks for task in round_tasks}:
+        alfworld_gen.cached_game(task)  # generated (or checked) before anything is timed
+    runner = GroupRunner(ENV_ID, {"split": "train", "max_steps": 1}, num_workers=workers)
     resets, steps = [], []
     try:
-        for round_ in range(rounds + 2):
+        for round_, round_tasks in enumerate(tasks):
             tick = time.perf_counter()
-            _, infos = runner.reset(rng.sample(ids, 4), 4, seed=round_)
+            _, infos = runner.reset(round_tasks, 4, seed=round_)
             resets.append(time.perf_counter() - tick)
             actions = [(info["privileged"]["expert_plan"] or ["look"])[0] if rng.random() < on_plan
                        else rng.choice(info["admissible_actions"]) for info in infos]
