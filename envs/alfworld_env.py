@@ -92,11 +92,12 @@ def install_engine_memos() -> None:
     reads such as `{o.name}`; `Variable`s are immutable), so new dicts holding the same values give the same text;
     the stock version's deep copies were most of what was left of a step (docs/benchmarks.md).
 
-    `textgen.deepcopy`, with which TextWorld copies a rule's symbols before deriving them, and the template memo's
-    copies go through `copy_symbols`, a deep copy specialised to parsed symbols.
+    A sixth, `textgen.deepcopy`, with which TextWorld copies a rule's symbols before deriving them, goes through
+    `copy_symbols`, a deep copy specialised to parsed symbols, as do the template memo's copies.
 
-    A sixth lets a reset take over the state its load has just built (`_handing_off_state_class`): TextWorld's
-    `load` builds a `PddlState` to read the game's entities, and the `reset` that follows builds the same state again.
+    A seventh, `pddl.logic.PddlState`, lets a reset take over the state its load has just built
+    (`_handing_off_state_class`): TextWorld's `load` builds a `PddlState` to read the game's entities, and the `reset`
+    that follows builds the same state again.
     """
     with _INSTALL_LOCK:  # two envs built at once on two threads must not both wrap TextWorld's functions
         if not _STOCK:

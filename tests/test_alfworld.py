@@ -528,6 +528,19 @@ def count_translations() -> _Calls:
     return calls
 
 
+def counted_translation() -> tuple[list[int], Any]:
+    """(calls, a `stock_translate` for sas_cache.translate that appends to `calls` and runs Fast Downward's own)."""
+    from fast_downward.interface import pddl2sas
+
+    calls: list[int] = []
+
+    def stock(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return pddl2sas(*args, **kwargs)
+
+    return calls, stock
+
+
 def dumped(task: Any) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -571,17 +584,10 @@ def test_a_disk_cache_hit_returns_what_fast_downward_translates(optimize: bool) 
     ids=["truncated", "bit-flip", "edited-under-a-valid-gzip", "empty"],
 )
 def test_a_damaged_entry_is_translated_again_and_rewritten(damage) -> None:
-    from fast_downward.interface import pddl2sas
-
     game = json.loads((alfworld_gen.cached_game("gen/valid/pick_and_place_simple-000000") / "game.tw-pddl")
                       .read_text())
     domain, problem = game["pddl_domain"], game["pddl_problem"]
-    calls = []
-
-    def stock(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return pddl2sas(*args, **kwargs)
-
+    calls, stock = counted_translation()
     _, sas = sas_cache.translate(stock, domain, problem)
     path = sas_cache.entry_path(sas_cache.entry_key(domain, problem, False))
     good = path.read_bytes()
@@ -596,17 +602,10 @@ def test_a_damaged_entry_is_translated_again_and_rewritten(damage) -> None:
 def test_an_entry_on_another_keys_file_is_not_read_but_translated_again() -> None:
     # Each entry's header names its key: another problem's entry copied onto this one's file (its own text intact,
     # so its sha256 passes) must not feed this problem another game's SAS text.
-    from fast_downward.interface import pddl2sas
-
     games = [json.loads((alfworld_gen.cached_game(f"gen/valid/{task}") / "game.tw-pddl").read_text())
              for task in ("pick_and_place_simple-000000", "pick_and_place_simple-000001")]
     (domain, problem), (_, other_problem) = ((g["pddl_domain"], g["pddl_problem"]) for g in games)
-    calls = []
-
-    def stock(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return pddl2sas(*args, **kwargs)
-
+    calls, stock = counted_translation()
     _, sas = sas_cache.translate(stock, domain, problem)
     _, other_sas = sas_cache.translate(stock, domain, other_problem)
     assert sas != other_sas

@@ -188,19 +188,13 @@ LOAD_SETTINGS = (
 )
 
 
-def _load_then_reset(engine: Any, game: Any) -> str:
-    """_AlfredEngine.load without the hand-off: TextWorld's load and reset, each building the initial state."""
-    engine.env.load(game)
-    engine.state = engine.env.reset()
-    return str(engine.state["feedback"])
-
-
 def reset_seconds(task_ids: list[str], sas_disk_cache: bool, grammar_fast_path: bool,
                   reuse: bool) -> tuple[list[float], list[float]]:
     """Seconds of each task's first reset in this process (fresh engine memos, so nothing is remembered in memory;
     the disk cache, when on, holds every task's translations already), and of a sibling's reset right after it (a
     second env of the same process resetting the same game, as GRPO's group members do in one worker)."""
     import gymnasium as gym
+    import textworld.envs.pddl.logic as pddl_logic
 
     from craft_bench.envs import alfworld_env, sas_cache
 
@@ -210,8 +204,8 @@ def reset_seconds(task_ids: list[str], sas_disk_cache: bool, grammar_fast_path: 
         stack.enter_context(mock.patch.dict(os.environ, {sas_cache.SAS_CACHE_VARIABLE: "1" if sas_disk_cache else "0"}))
         if not grammar_fast_path:  # the memo then parses each game's grammar whole
             stack.enter_context(mock.patch.object(alfworld_env, "split_task_rule", lambda text: None))
-        if not reuse:
-            stack.enter_context(mock.patch.object(alfworld_env._AlfredEngine, "load", _load_then_reset))
+        if not reuse:  # TextWorld's own class: the reset builds the state again instead of taking the offered one
+            stack.enter_context(mock.patch.object(pddl_logic, "PddlState", alfworld_env._STOCK["pddl_state"]))
             stack.enter_context(mock.patch.object(sas_cache, "parsed_task", sas_cache.parse_task))
         env, sibling = (stack.enter_context(contextlib.closing(gym.make(ENV_ID, **ENV_KWARGS))) for _ in range(2))
         first, second = [], []
@@ -288,9 +282,8 @@ def single_turn_rows(rounds: int, workers: int, on_plan: float = 0.3, seed: int 
 
     import gymnasium as gym
 
-    from craft_bench.envs.group_runner import GroupRunner
-
     from craft_bench.envs import alfworld_gen
+    from craft_bench.envs.group_runner import GroupRunner
 
     with contextlib.closing(gym.make(ENV_ID, split="train")) as env:
         ids = env.unwrapped.task_ids
