@@ -345,6 +345,7 @@ def evaluate_episodes(
     policy: Policy,
     task_ids: Sequence[str],
     *,
+    samples: int = 1,
     temperature: float = 0.0,
     seed: int = 0,
     max_new_tokens: int = 32,
@@ -353,7 +354,8 @@ def evaluate_episodes(
     waves: int = 1,
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Play each task once at `temperature` (0 = greedy) and return one record per episode, in task order:
+    """Play each task `samples` times at `temperature` (0 = greedy; the samples are sibling draws, as a training
+    group's) and return one record per episode, in task order (a task's samples together):
     task_id, task_type, won, progress, steps, invalid_actions, env_return, `actions` (the episode's actions as sent
     to the environment, each with whether it was valid: a JSON list of [action, valid] pairs, so what a policy does
     can be read from eval.csv), and dataset / task_score when the env reports them. `act_on="teacher"` evaluates
@@ -363,13 +365,13 @@ def evaluate_episodes(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(task_ids), desc="evaluate", unit="episode", dynamic_ncols=True)
+        bar = tqdm(total=len(task_ids) * samples, desc="evaluate", unit="episode", dynamic_ncols=True)
     try:
         batch = collect_rollouts(
             runner,
             policy,
             task_ids,
-            1,
+            samples,
             sampling=policy.sampling(temperature=temperature, max_new_tokens=max_new_tokens),
             seed=seed,
             history_turns=history_turns,

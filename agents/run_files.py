@@ -302,6 +302,7 @@ FIELD_RANGES: dict[str, Range] = {
     "progress_reward": Range(0),
     "ema_decay": Range(0, 1, high_open=True),
     "eval_episodes": Range(1),
+    "eval_samples": Range(1),
     "eval_temperature": Range(0),  # 0 = greedy
     "num_workers": Range(0),  # 0 = environments in this process
     "checkpoint_every": Range(1),

@@ -134,7 +134,12 @@ class TrainConfig:
     """EMA decay of the teacher when the method's `teacher` option is "ema" (its options: "old", the sampling
     policy, the default; "ref", the initial weights; "ema", an EMA of θ)."""
     eval_episodes: int = 48
-    """Evaluation episodes: N tasks evenly spread over the sorted held-out split, each played once."""
+    """Evaluation tasks: N tasks evenly spread over the sorted held-out split (all of them when it holds fewer)."""
+    eval_samples: int = 1
+    """Episodes sampled per evaluation task (sibling draws, as a GRPO group's): the row averages over eval_episodes x
+    eval_samples episodes. Sampling each task several times shrinks the evaluation's sampling noise, which at
+    temperature 1 and a 10% success rate hides differences of a few points (README, "Learning on the embedded
+    default"); with greedy evaluation the samples are identical, so leave it at 1 there."""
     eval_temperature: float = 0.0
     """Evaluation temperature (0 = greedy)."""
     num_workers: int | None = None
@@ -205,7 +210,7 @@ class TrainConfig:
         for name in ("steps",):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("tasks_per_step", "group_size", "max_turns", "max_new_tokens", "micro_batch_rows", "checkpoint_every", "eval_episodes", "ppo_epochs"):
+        for name in ("tasks_per_step", "group_size", "max_turns", "max_new_tokens", "micro_batch_rows", "checkpoint_every", "eval_episodes", "eval_samples", "ppo_epochs"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mini_batch_rows is not None and self.mini_batch_rows < 1:
@@ -638,7 +643,8 @@ class Trainer:
             self._eval_runner = self._make_runner(config.eval_split, self._eval_env_kwargs)
         with torch_threads(self.rollout_threads):
             records = evaluate_episodes(
-                self._eval_runner, self.policy, self.eval_tasks, temperature=config.eval_temperature, seed=config.seed,
+                self._eval_runner, self.policy, self.eval_tasks, samples=config.eval_samples,
+                temperature=config.eval_temperature, seed=config.seed,
                 max_new_tokens=config.max_new_tokens, history_turns=config.history_turns, act_on=act_on,
                 waves=config.rollout_waves, progress=self.progress,
             )

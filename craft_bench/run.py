@@ -61,6 +61,7 @@ from craft_bench.agents.trainer import (
     METRICS_FILE,
     TrainConfig,
     Trainer,
+    TrainState,
 )
 from craft_bench.leaderboard.schema import BASE_METHOD
 
@@ -98,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=None, help="environment worker processes (default: cores)")
     parser.add_argument("--resume", action="store_true", help="continue existing runs from their last checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="evaluate (the run's trained model if it exists, else the initial one) without training")
+    parser.add_argument("--trained-in", default=None, metavar="DIR", help="with --eval-only: evaluate the model that a finished run in DIR trained with these settings, under this call's evaluation protocol (--set eval_episodes / eval_samples / eval_temperature / eval_split may differ from the run's), into a run directory of its own under --out, ready for `leaderboard submit`")
     parser.add_argument("--privileged-eval", action="store_true", help=f"with --method base: also play the evaluation episodes on the teacher prompt (the privileged block shown) into {PRIVILEGED_EVAL_FILE}, the untrained model's success with the privileged context")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory's outputs and start over")
     parser.add_argument("--log", default="csv", help="comma-separated loggers beyond the CSVs: tensorboard, wandb")
@@ -125,6 +127,14 @@ def build_configs(args: argparse.Namespace) -> list[TrainConfig]:
         raise SystemExit(f"error: --privileged-eval evaluates the untrained model on the teacher prompt; it needs --method {BASE_METHOD}")
     if args.eval_only and (args.resume or args.overwrite):
         raise SystemExit("error: --eval-only evaluates an existing run as it is; it cannot be combined with --resume or --overwrite")
+    if args.trained_in is not None:
+        if not args.eval_only:
+            raise SystemExit("error: --trained-in names where a trained model is, to evaluate it: it needs --eval-only")
+        if BASE_METHOD in methods:
+            raise SystemExit(f"error: --trained-in evaluates trained models; method {BASE_METHOD!r} (the untrained model) "
+                             f"is evaluated under any protocol by --method {BASE_METHOD} alone")
+        if not Path(args.trained_in).is_dir():
+            raise SystemExit(f"error: --trained-in {args.trained_in}: no such directory")
     overrides: dict[str, Any] = {"env_id": args.env, "model": args.model}
     if args.steps is not None:
         overrides["steps"] = args.steps
@@ -246,10 +256,11 @@ def run_name(config: TrainConfig) -> str:
 
 def run_one(
     config: TrainConfig, out: Path, *, resume: bool, eval_only: bool, overwrite: bool, progress: bool,
-    loggers: list[str], dp: DataParallel | None = None, privileged_eval: bool = False,
+    loggers: list[str], dp: DataParallel | None = None, privileged_eval: bool = False, trained_in: Path | None = None,
 ) -> dict[str, Any] | None:
     """Train (unless eval-only), evaluate, write the run's files; returns its leaderboard row (None on the
-    data-parallel ranks other than 0, which train but neither write nor evaluate).
+    data-parallel ranks other than 0, which train but neither write nor evaluate). With `trained_in` (eval-only),
+    the model a finished run there trained is evaluated under this config's evaluation protocol instead.
 
     The run directory is locked for the whole call, so a second process is refused (naming this one's pid) instead
     of writing every step twice. A start that fails before writing anything removes the directory it created."""
@@ -257,6 +268,7 @@ def run_one(
     if eval_only and dp.world_size > 1:
         raise SystemExit("error: --eval-only runs in one process; launch it without accelerate/torchrun")
     run_dir = out / run_name(config)
+    source = _trained_source(config, trained_in) if trained_in is not None else None
     if config.method == BASE_METHOD and not dp.is_main:
         return None  # evaluation only: rank 0 does it alone, nothing collective happens
     if not dp.is_main:  # rank 0 makes, locks and checks the directory; the others follow its verdict
@@ -280,6 +292,8 @@ def run_one(
         if config.method == BASE_METHOD:
             return _evaluate_base(config, run_dir, finished_ok=resume or eval_only, overwrite=overwrite,
                                   progress=progress, privileged=privileged_eval)
+        if source is not None:
+            return _evaluate_trained_elsewhere(config, run_dir, source, progress=progress)
         if eval_only:
             return _evaluate_only(config, run_dir, progress=progress)
         if dp.world_size > 1:
@@ -395,6 +409,75 @@ def _evaluate_only(config: TrainConfig, run_dir: Path, *, progress: bool) -> dic
     print(f"eval-only: evaluating {what}", file=sys.stderr)
     try:
         return _evaluate_into(config, trainer, run_dir / EVAL_ONLY_FILE, run_dir / EVAL_ONLY_RESULT_FILE, policy_sha256)
+    finally:
+        trainer.close()
+
+
+def _trained_source(config: TrainConfig, parent: Path) -> Path:
+    """The finished run under `parent` (same env, method, model and seed, with a final_model/) whose configuration
+    is `config`'s apart from the evaluation protocol (identity.EVALUATION_PROTOCOL_SETTINGS): the run that trained
+    the very model `config` describes. Refuses, naming what differs, when there is none."""
+    from craft_bench.leaderboard.identity import EVALUATION_PROTOCOL_SETTINGS
+
+    protocol = {name: getattr(config, name) for name in EVALUATION_PROTOCOL_SETTINGS}
+    wanted = run_config_of(config)
+    pattern = re.sub(r"__[0-9a-f]{8}__s", "__*__s", run_name(config))  # any config id, this env/method/model/seed
+    found, near = [], []
+    for run_dir in sorted(parent.glob(pattern)):
+        if not (run_dir / FINAL_MODEL_DIR / "config.json").is_file():
+            continue
+        try:
+            saved = TrainConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text())["config"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            near.append(f"{run_dir.name} (its {CONFIG_FILE} cannot be read: {error})")
+            continue
+        theirs = run_config_of(replace(saved, **protocol))
+        if theirs == wanted:
+            found.append(run_dir)
+        else:
+            differing = sorted(k for k in set(theirs["train"]) | set(wanted["train"])
+                               if theirs["train"].get(k) != wanted["train"].get(k))
+            differing += sorted(k for k in set(theirs) | set(wanted) if k != "train" and theirs.get(k) != wanted.get(k))
+            near.append(f"{run_dir.name} ({', '.join(differing)} differ)")
+    if not found:
+        listed = "; ".join(near) if near else f"no {pattern} directory holds a {FINAL_MODEL_DIR}/"
+        raise SystemExit(f"error: --trained-in {parent}: no finished run there was trained with these settings "
+                         f"(only {', '.join(EVALUATION_PROTOCOL_SETTINGS)} may differ): {listed}")
+    if len(found) > 1:  # one training configuration evaluated under several protocols: the same trained model
+        print(f"--trained-in: {len(found)} runs trained with these settings ({', '.join(p.name for p in found)}); "
+              f"evaluating {found[0].name}'s model", file=sys.stderr)
+    return found[0]
+
+
+def _evaluate_trained_elsewhere(config: TrainConfig, run_dir: Path, source: Path, *, progress: bool) -> dict[str, Any]:
+    """Evaluate `source`'s final_model/ (trained with `config`'s training settings) under `config`'s evaluation
+    protocol, into `run_dir`: config.json (naming the source under "trained_in"), the source's metrics.csv (the same
+    training, so the same curve), eval.csv and result.csv. The row's train_steps and wall_clock_s are the source's
+    training plus this evaluation. A run_dir that already holds a result is reported, not evaluated again."""
+    from craft_bench.leaderboard import validate_csv
+
+    result = run_dir / RESULT_FILE
+    if result.is_file():
+        print(f"{run_dir}: already evaluated ({RESULT_FILE}); nothing to do", file=sys.stderr)
+        return validate_csv(result).to_dict("records")[0]
+    _check_fresh_or_resumed(run_dir, resume=False, overwrite=False)
+    state_file = source / FINAL_MODEL_DIR / FINAL_STATE_FILE
+    try:
+        state = TrainState(**json.loads(state_file.read_text()))
+    except (OSError, ValueError, TypeError) as error:
+        raise SystemExit(f"error: {state_file} cannot be read ({error}): the run's training time and steps are unknown") from None
+    policy_sha256 = _recorded_policy_sha256(source)
+    if policy_sha256 is None:
+        raise SystemExit(f"error: {source / CONFIG_FILE} does not record the initial weights' hash (policy_sha256)")
+    print(f"eval-only: evaluating {source / FINAL_MODEL_DIR} ({state.step} training steps) into {run_dir}", file=sys.stderr)
+    trainer = _start_trainer(replace(config, model=str(source / FINAL_MODEL_DIR)), run_dir, progress=progress)
+    try:
+        trainer.state = state
+        record = {**_config_record(config, trainer), "policy_sha256": policy_sha256, "trained_in": str(source)}
+        if (source / METRICS_FILE).is_file():
+            shutil.copyfile(source / METRICS_FILE, run_dir / METRICS_FILE)
+        write_json_atomic(run_dir / CONFIG_FILE, record)
+        return _evaluate_into(config, trainer, run_dir / EVAL_FILE, result, policy_sha256)
     finally:
         trainer.close()
 
@@ -633,7 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for config in configs:
         rows.append(run_one(config, out, resume=args.resume, eval_only=args.eval_only, overwrite=args.overwrite,
-                            progress=not args.no_progress, loggers=loggers, dp=dp, privileged_eval=args.privileged_eval))
+                            progress=not args.no_progress, loggers=loggers, dp=dp, privileged_eval=args.privileged_eval,
+                            trained_in=Path(args.trained_in) if args.trained_in else None))
     dp.close()  # every rank finished: leave the process group before exiting (not on an error, where a rank may be gone)
     if not dp.is_main:
         return 0

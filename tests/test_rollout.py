@@ -210,6 +210,18 @@ def test_evaluation_records_one_episode_per_task(runner, tokenizer):
     assert [json.loads(r["actions"]) for r in records] == [[["add 3", True]], [["add 2", True], ["add 2", True]]]
 
 
+def test_evaluation_samples_each_task_several_times_with_distinct_draws(runner, lm_policy):
+    tasks = ["count-3-0", "count-4-1"]
+    records = evaluate_episodes(runner, lm_policy, tasks, samples=3, temperature=1.0, seed=5, max_new_tokens=4)
+    assert [r["task_id"] for r in records] == ["count-3-0"] * 3 + ["count-4-1"] * 3  # a task's samples together
+    # Sibling draws: the samples of one task play differently (a random model at temperature 1), and the whole
+    # list is a function of the seed.
+    assert len({r["actions"] for r in records[:3]}) > 1
+    again = evaluate_episodes(runner, lm_policy, tasks, samples=3, temperature=1.0, seed=5, max_new_tokens=4)
+    assert [r["actions"] for r in again] == [r["actions"] for r in records]
+    assert len(evaluate_episodes(runner, lm_policy, tasks, temperature=1.0, seed=5, max_new_tokens=4)) == 2
+
+
 def test_evaluation_records_mark_invalid_actions(tokenizer):
     policy = scripted_policy(tokenizer, [" jump\n", " add 3\n"])
     with GroupRunner(COUNTER_ENV_ID, num_workers=0) as in_process:

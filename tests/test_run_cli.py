@@ -316,6 +316,70 @@ def test_eval_only_without_a_trained_model_evaluates_the_initial_one_and_says_so
     assert "the initial model" in err and run_dir.name in err
 
 
+# ---------------------------------------------------------------------------------------------------- re-evaluation
+def test_trained_in_evaluates_a_finished_runs_model_under_another_protocol(model_dir, tmp_path, capsys):
+    import json
+
+    from craft_bench.leaderboard.store import submit
+
+    trained = tmp_path / "trained"
+    argv = small_args(model_dir, trained, "--method", "opsd", "--steps", "1", "--set", "lr=0.5", "--set", "eval_temperature=1.0")
+    assert run_main(argv) == 0
+    (source_config,) = build_configs(parse_args(argv))
+    source = trained / run_name(source_config)
+    before = _snapshot(source)
+
+    # The same run's model under a protocol of 2 tasks x 2 samples: a run directory of its own, under --out.
+    out = tmp_path / "reevaluated"
+    again = [*small_args(model_dir, out, "--method", "opsd", "--steps", "1", "--set", "lr=0.5", "--set", "eval_temperature=1.0"),
+             "--set", "eval_samples=2", "--eval-only", "--trained-in", str(trained)]
+    assert run_main(again) == 0
+    (config,) = build_configs(parse_args(again))
+    run_dir = out / run_name(config)
+    assert run_id(config) != run_id(source_config) and _snapshot(source) == before  # the source is only read
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", CONFIG_FILE, "eval.csv", METRICS_FILE, RESULT_FILE]
+    record = json.loads((run_dir / CONFIG_FILE).read_text())
+    assert record["trained_in"] == str(source) and record["run_id"] == run_id(config)
+    assert (run_dir / METRICS_FILE).read_bytes() == (source / METRICS_FILE).read_bytes()  # the same training
+    row = pd.read_csv(run_dir / RESULT_FILE, dtype=str).iloc[0]
+    theirs = pd.read_csv(source / RESULT_FILE, dtype=str).iloc[0]
+    assert (row["n_eval_episodes"], row["train_steps"]) == ("4", "1")
+    assert row["policy_sha256"] == theirs["policy_sha256"]  # the initial weights the source trained from
+    assert float(row["wall_clock_s"]) > json.loads((source / FINAL_MODEL_DIR / "craft_bench_state.json").read_text())["wall_clock_s"]
+    assert json.loads(row["method_config"])["train"]["eval_samples"] == 2
+    assert submit(run_dir, tmp_path / "board").added == 1  # ready for the leaderboard, curve included
+
+    # Under the source's own protocol, its model gives exactly the source's evaluation: the trained weights, not
+    # the initial ones, are what gets evaluated (OPSD's distillation term at lr 0.5 moved them; GRPO's gradient
+    # would be 0 here, where every episode fails alike).
+    same = tmp_path / "same"
+    assert run_main([*argv[: argv.index("--out")], "--out", str(same), *argv[argv.index("--out") + 2:],
+                     "--eval-only", "--trained-in", str(trained)]) == 0
+    assert (same / source.name / "eval.csv").read_bytes() == (source / "eval.csv").read_bytes()
+    untrained = tmp_path / "untrained"  # (and the initial model's sampled episodes differ from them)
+    assert run_main([*argv[: argv.index("--out")], "--out", str(untrained), *argv[argv.index("--out") + 2:], "--eval-only"]) == 0
+    assert (untrained / source.name / EVAL_ONLY_FILE).read_bytes() != (source / "eval.csv").read_bytes()
+    # A finished re-evaluation is reported, not run again.
+    capsys.readouterr()
+    assert run_main(again) == 0
+    assert "already evaluated" in capsys.readouterr().err
+
+
+def test_trained_in_refuses_runs_trained_otherwise_and_bad_combinations(model_dir, tmp_path):
+    trained = tmp_path / "trained"
+    assert run_main(small_args(model_dir, trained, "--method", "grpo", "--steps", "1")) == 0
+    out = tmp_path / "out"
+    message = refused([*small_args(model_dir, out, "--method", "grpo", "--steps", "1", "--set", "lr=0.2"),
+                       "--eval-only", "--trained-in", str(trained)])
+    assert "no finished run there was trained with these settings" in message and "(lr differ)" in message
+    message = refused([*small_args(model_dir, out, "--method", "sdar", "--steps", "1"), "--eval-only", "--trained-in", str(trained)])
+    assert "holds a final_model/" in message
+    assert "needs --eval-only" in refused([*small_args(model_dir, out, "--method", "grpo"), "--trained-in", str(trained)])
+    assert "untrained model" in refused([*small_args(model_dir, out, "--method", "base"), "--eval-only", "--trained-in", str(trained)])
+    assert "no such directory" in refused([*small_args(model_dir, out, "--method", "grpo"), "--eval-only", "--trained-in", str(tmp_path / "nope")])
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------------- resume
 def test_resume_with_another_worker_count_continues_the_run(model_dir, tmp_path):
     argv = small_args(model_dir, tmp_path, "--method", "grpo", "--steps", "2")

@@ -10,7 +10,7 @@ from typing import Any
 from craft_bench.leaderboard.schema import BASE_METHOD, EVAL_TEMPERATURE, config_id
 
 __all__ = [
-    "EVALUATION_SETTINGS", "KEY_SETTINGS", "LATER_METHOD_OPTIONS", "LATER_SETTINGS", "NEUTRAL_SETTINGS", "TRAINING_ONLY_SETTINGS", "config_id", "run_config",
+    "EVALUATION_PROTOCOL_SETTINGS", "EVALUATION_SETTINGS", "KEY_SETTINGS", "LATER_METHOD_OPTIONS", "LATER_SETTINGS", "NEUTRAL_SETTINGS", "TRAINING_ONLY_SETTINGS", "config_id", "run_config",
     "undeclared_settings", "weights_sha256",
 ]
 
@@ -50,15 +50,23 @@ TRAINING_ONLY_SETTINGS: tuple[str, ...] = (
 #: history, the reply length, the episode list, the engine that samples, and the return's reward terms (the row's
 #: return_mean is computed with them).
 EVALUATION_SETTINGS: tuple[str, ...] = (
-    "env_kwargs", "tiny_budget", "max_turns", "history_turns", "max_new_tokens", "eval_episodes", "engine",
+    "env_kwargs", "tiny_budget", "max_turns", "history_turns", "max_new_tokens", "eval_episodes", "eval_samples",
+    "engine",
     "vllm_options", "success_reward", "invalid_penalty", "progress_reward",
 )
+
+
+#: The evaluation protocol proper: settings that change how a trained model is evaluated and nothing of its training
+#: (`python -m craft_bench.run --eval-only --trained-in` evaluates a finished run's model under other values of them).
+EVALUATION_PROTOCOL_SETTINGS: tuple[str, ...] = ("eval_split", "eval_episodes", "eval_samples", EVAL_TEMPERATURE)
 
 
 #: Settings added after rows were published, each with the value that reproduces the results from before it existed.
 #: At that value a setting is left out of the configuration, so every earlier run and leaderboard row keeps its id;
 #: any other value is recorded like every setting. (It must still be declared in one of the groups above.)
-LATER_SETTINGS: dict[str, Any] = {"progress_reward": 0.0, "train_env_kwargs": {}, "train_dtype": "float32"}
+LATER_SETTINGS: dict[str, Any] = {
+    "progress_reward": 0.0, "train_env_kwargs": {}, "train_dtype": "float32", "eval_samples": 1,
+}
 #: Method options (common to every method) added after rows were published, each with the value that reproduces the
 #: results from before it existed; at that value the option is left out of `method_config`, as LATER_SETTINGS are.
 LATER_METHOD_OPTIONS: dict[str, Any] = {"agg": "token"}
