@@ -473,11 +473,14 @@ def _evaluate_trained_elsewhere(config: TrainConfig, run_dir: Path, source: Path
     trainer = _start_trainer(replace(config, model=str(source / FINAL_MODEL_DIR)), run_dir, progress=progress)
     try:
         trainer.state = state
-        record = {**_config_record(config, trainer), "policy_sha256": policy_sha256, "trained_in": str(source)}
+        # config.json and metrics.csv come after the evaluation, result.csv last of all: an evaluation that fails
+        # or is killed leaves nothing that would refuse the next try (result.csv means done).
+        records, eval_s = _evaluate_records(trainer)
         if (source / METRICS_FILE).is_file():
             shutil.copyfile(source / METRICS_FILE, run_dir / METRICS_FILE)
-        write_json_atomic(run_dir / CONFIG_FILE, record)
-        return _evaluate_into(config, trainer, run_dir / EVAL_FILE, result, policy_sha256)
+        write_json_atomic(run_dir / CONFIG_FILE, {**_config_record(config, trainer), "policy_sha256": policy_sha256,
+                                                  "trained_in": str(source)})
+        return _write_evaluation(config, trainer, records, eval_s, run_dir / EVAL_FILE, result, policy_sha256)
     finally:
         trainer.close()
 
@@ -588,11 +591,23 @@ def _start_trainer(config: TrainConfig, run_dir: Path, *, progress: bool, dp: Da
 
 
 def _evaluate_into(config: TrainConfig, trainer: Trainer, eval_path: Path, result_path: Path, policy_sha256: str | None) -> dict[str, Any]:
+    records, eval_s = _evaluate_records(trainer)
+    return _write_evaluation(config, trainer, records, eval_s, eval_path, result_path, policy_sha256)
+
+
+def _evaluate_records(trainer: Trainer) -> tuple[list[dict[str, Any]], float]:
+    """The evaluation's episode records (with each episode's dataset / task_score where the env reports them) and
+    its seconds."""
+    tick = time.perf_counter()
+    records = trainer.evaluate()
+    return records, time.perf_counter() - tick
+
+
+def _write_evaluation(config: TrainConfig, trainer: Trainer, records: list[dict[str, Any]], eval_s: float,
+                      eval_path: Path, result_path: Path, policy_sha256: str | None) -> dict[str, Any]:
+    """eval.csv, then result.csv (the row, returned)."""
     from craft_bench.leaderboard import make_result_row, write_result_csv
 
-    tick = time.perf_counter()
-    records = trainer.evaluate()  # with each episode's dataset / task_score where the env reports them
-    eval_s = time.perf_counter() - tick
     write_text_atomic(eval_path, pd.DataFrame(records).to_csv(index=False))
     row = make_result_row(**_result_fields(config, trainer, records, eval_s), policy_sha256=policy_sha256 or "unknown")
     write_result_csv(result_path, [row])

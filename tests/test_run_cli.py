@@ -365,6 +365,26 @@ def test_trained_in_evaluates_a_finished_runs_model_under_another_protocol(model
     assert "already evaluated" in capsys.readouterr().err
 
 
+def test_a_failed_reevaluation_leaves_nothing_that_refuses_the_next_try(model_dir, tmp_path, monkeypatch):
+    from craft_bench.agents.trainer import Trainer
+
+    trained = tmp_path / "trained"
+    assert run_main(small_args(model_dir, trained, "--method", "grpo", "--steps", "1")) == 0
+    again = [*small_args(model_dir, tmp_path / "out", "--method", "grpo", "--steps", "1"), "--set", "eval_samples=2",
+             "--eval-only", "--trained-in", str(trained)]
+    original = Trainer.evaluate
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(again)
+    assert not (tmp_path / "out").exists()  # nothing written, the directory it created removed
+    monkeypatch.setattr(Trainer, "evaluate", original)
+    assert run_main(again) == 0
+
+
 def test_trained_in_refuses_runs_trained_otherwise_and_bad_combinations(model_dir, tmp_path):
     trained = tmp_path / "trained"
     assert run_main(small_args(model_dir, trained, "--method", "grpo", "--steps", "1")) == 0
