@@ -7,7 +7,9 @@ checkpoint.pt.sha256) and final_model/. The config id hashes every setting that 
 method options included), so two configurations never share a directory; one process at a time holds a directory
 (`.lock`). `--resume` picks up after any interruption without losing a finished step; `--eval-only` evaluates the
 run's final_model/ (else its checkpoint, else the initial model, and says which) into eval_only.csv and
-eval_only_result.csv, never touching the training outputs. Bad settings are refused before anything is created.
+eval_only_result.csv, never touching the training outputs; with `--trained-in DIR` it evaluates the model a finished
+run in DIR trained with the same settings under this call's evaluation protocol (more episodes, say) into a run
+directory of its own. Bad settings are refused before anything is created.
 
 `--method base` (SDAR's "Vanilla") evaluates the untrained initial model on the run's evaluation list: no training,
 no checkpoint, train_steps 0. Its config id leaves out training-only settings (leaderboard.identity), so one base
