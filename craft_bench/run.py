@@ -405,7 +405,7 @@ def _evaluate_only(config: TrainConfig, run_dir: Path, *, progress: bool) -> dic
         trainer = _start_trainer(config, run_dir, progress=progress)
         policy_sha256 = _weights_sha256(trainer)
         what = f"the initial model {config.model} ({run_dir} holds no trained model: neither final_model/ nor {CHECKPOINT_FILE})"
-        siblings = sorted(p.name for p in run_dir.parent.glob(re.sub(r"__[0-9a-f]{8}__s", "__*__s", run_dir.name)) if p != run_dir)
+        siblings = sorted(p.name for p in run_dir.parent.glob(_any_config_id(run_dir.name)) if p != run_dir)
         if siblings:
             what += f"; runs of the same method, model and seed with other settings (see their config.json): {', '.join(siblings)}"
     print(f"eval-only: evaluating {what}", file=sys.stderr)
@@ -423,7 +423,7 @@ def _trained_source(config: TrainConfig, parent: Path) -> Path:
 
     protocol = {name: getattr(config, name) for name in EVALUATION_PROTOCOL_SETTINGS}
     wanted = run_config_of(config)
-    pattern = re.sub(r"__[0-9a-f]{8}__s", "__*__s", run_name(config))  # any config id, this env/method/model/seed
+    pattern = _any_config_id(run_name(config))
     found, near = [], []
     for run_dir in sorted(parent.glob(pattern)):
         if not (run_dir / FINAL_MODEL_DIR / "config.json").is_file():
@@ -437,10 +437,7 @@ def _trained_source(config: TrainConfig, parent: Path) -> Path:
         if theirs == wanted:
             found.append(run_dir)
         else:
-            differing = sorted(k for k in set(theirs["train"]) | set(wanted["train"])
-                               if theirs["train"].get(k) != wanted["train"].get(k))
-            differing += sorted(k for k in set(theirs) | set(wanted) if k != "train" and theirs.get(k) != wanted.get(k))
-            near.append(f"{run_dir.name} ({', '.join(differing)} differ)")
+            near.append(f"{run_dir.name} ({', '.join(_differing(theirs, wanted))} differ)")
     if not found:
         listed = "; ".join(near) if near else f"no {pattern} directory holds a {FINAL_MODEL_DIR}/"
         raise SystemExit(f"error: --trained-in {parent}: no finished run there was trained with these settings "
@@ -449,6 +446,20 @@ def _trained_source(config: TrainConfig, parent: Path) -> Path:
         print(f"--trained-in: {len(found)} runs trained with these settings ({', '.join(p.name for p in found)}); "
               f"evaluating {found[0].name}'s model", file=sys.stderr)
     return found[0]
+
+
+def _any_config_id(name: str) -> str:
+    """A glob of the run names of `name`'s env, method, model and seed under any config id."""
+    return re.sub(r"__[0-9a-f]{8}__s", "__*__s", name)
+
+
+def _differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The names of the settings and method options in which two run configs (`run_config_of`) differ, sorted."""
+    def named(config: dict[str, Any]) -> dict[str, Any]:
+        return {**{k: v for k, v in config.items() if k != "train"}, **config["train"]}
+
+    a, b = named(a), named(b)
+    return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or a[k] != b[k])
 
 
 def _evaluate_trained_elsewhere(config: TrainConfig, run_dir: Path, source: Path, *, progress: bool) -> dict[str, Any]:
